@@ -1,0 +1,372 @@
+"""Writing Ollama-style stores: safetensors blobs, JSON layers, config blobs and manifests.
+
+Everything here writes the way Ollama does (FORMAT.md §1-§3): content-addressed blobs under
+``<root>/blobs/sha256-<hex>``, written to a temporary file that the loader ignores, fsynced and
+renamed to their digest; manifests under ``<root>/manifests/<host>/<namespace>/<model>/<tag>``,
+written last, the same way.
+
+Two safetensors writer styles are reproduced byte for byte:
+
+* ``"go"``: Go ``encoding/json``. Keys sorted, entry fields ``dtype, shape, data_offsets``,
+  header padded with spaces to a multiple of 8, ``__metadata__`` only when non-empty.
+* ``"mlx"``: MLX ``save_safetensors``. Keys sorted, ``__metadata__`` always present (``null``
+  when empty), entry fields ``data_offsets, dtype, shape``, no padding.
+
+In both styles the data segments follow the order of the tensors given, which need not be key
+order (MLX writes in hash-map order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
+
+import mlx.core as mx
+import msgspec
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+TensorData: TypeAlias = Buffer | Iterable[Buffer]
+Style: TypeAlias = Literal["go", "mlx"]
+
+TENSOR_MEDIA_TYPE = "application/vnd.ollama.image.tensor"
+JSON_MEDIA_TYPE = "application/vnd.ollama.image.json"
+CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+
+DTYPE_SIZES: Mapping[str, int] = {
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I8": 1,
+    "I16": 2,
+    "I32": 4,
+    "I64": 8,
+    "U8": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "BOOL": 1,
+    "C64": 8,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+}
+
+_MLX_DTYPE_NAMES: Mapping[mx.Dtype, str] = {
+    mx.float32: "F32",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.int8: "I8",
+    mx.int16: "I16",
+    mx.int32: "I32",
+    mx.int64: "I64",
+    mx.uint8: "U8",
+    mx.uint16: "U16",
+    mx.uint32: "U32",
+    mx.uint64: "U64",
+    mx.bool_: "BOOL",
+    mx.complex64: "C64",
+}
+
+_DEFAULT_HOST = "registry.ollama.ai"
+_DEFAULT_NAMESPACE = "library"
+_DEFAULT_TAG = "latest"
+_HEX_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_TEMP_SUFFIX = ".tmp"
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """One tensor to write: its key, safetensors dtype, shape and raw little-endian bytes.
+
+    ``data`` is a bytes-like object, or an iterable of bytes-like chunks (produced lazily, so a
+    big tensor never has to sit in memory whole). Its total length must equal ``nbytes``.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: TensorData
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_SIZES:
+            raise ValueError(f"unknown safetensors dtype {self.dtype!r} for {self.name!r}")
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"negative dimension in shape {self.shape} of {self.name!r}")
+
+    @property
+    def nbytes(self) -> int:
+        """The byte length that the dtype and shape call for."""
+        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
+
+
+class Blob(NamedTuple):
+    """A written blob: its digest ``sha256:<hex>`` and its size in bytes."""
+
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """A manifest layer entry (FORMAT.md §2.2)."""
+
+    media_type: str
+    digest: str
+    size: int
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The layer as Ollama writes it: ``name`` is omitted when empty."""
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest}
+        out["size"] = self.size
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """The safetensors dtype string of an MLX dtype; raises ValueError for float64."""
+    try:
+        return _MLX_DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"MLX dtype {dtype} has no safetensors name MLX can load") from None
+
+
+def tensor_from_array(name: str, array: mx.array, *, dtype: str | None = None) -> Tensor:
+    """Evaluate an MLX array and wrap its bytes as a Tensor.
+
+    Args:
+        name: the key in the blob.
+        array: any MLX array; a non-contiguous view is copied first.
+        dtype: a safetensors dtype overriding the array's own, of the same item size
+            (e.g. ``"F8_E4M3"`` for uint8 bytes).
+    """
+    array = mx.contiguous(array)
+    mx.eval(array)
+    # MLX arrays export the buffer protocol, but its stubs do not declare __buffer__.
+    view = memoryview(array).cast("B")  # type: ignore[arg-type]
+    tensor = Tensor(name, dtype or dtype_name(array.dtype), tuple(array.shape), view)
+    if tensor.nbytes != view.nbytes:
+        raise ValueError(f"dtype {tensor.dtype} does not fit the {array.dtype} array {name!r}")
+    return tensor
+
+
+def encode_header(
+    tensors: Sequence[Tensor], *, style: Style, metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Encode the 8-byte length prefix and JSON header; data follows in the order given."""
+    entries: dict[str, Any] = {}
+    offset = 0
+    for t in tensors:
+        if t.name in entries or t.name == "__metadata__":
+            raise ValueError(f"duplicate or reserved tensor name {t.name!r}")
+        span = [offset, offset + t.nbytes]
+        offset += t.nbytes
+        shape = list(t.shape)
+        if style == "go":
+            entries[t.name] = {"dtype": t.dtype, "shape": shape, "data_offsets": span}
+        else:
+            entries[t.name] = {"data_offsets": span, "dtype": t.dtype, "shape": shape}
+    meta = dict(sorted(metadata.items())) if metadata else None
+    if meta is not None or style == "mlx":
+        entries["__metadata__"] = meta
+    header = _encoder.encode(dict(sorted(entries.items())))
+    if style == "go":
+        header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header
+
+
+def iter_safetensors(
+    tensors: Sequence[Tensor], *, style: Style, metadata: Mapping[str, str] | None = None
+) -> Iterator[Buffer]:
+    """Yield a safetensors file as chunks: the header, then each tensor's bytes.
+
+    Raises:
+        ValueError: a tensor's data is not exactly ``nbytes`` long.
+    """
+    yield encode_header(tensors, style=style, metadata=metadata)
+    for t in tensors:
+        written = 0
+        chunks = [t.data] if isinstance(t.data, bytes | bytearray | memoryview) else t.data
+        for chunk in chunks:
+            size = chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
+            written += size
+            if written > t.nbytes:
+                break
+            yield chunk
+        if written != t.nbytes:
+            raise ValueError(f"tensor {t.name!r}: data does not match {t.nbytes} bytes")
+
+
+def encode_safetensors(
+    tensors: Sequence[Tensor], *, style: Style, metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Encode a whole safetensors file in memory (for small tensors)."""
+    return b"".join(iter_safetensors(tensors, style=style, metadata=metadata))
+
+
+def blob_path(root: StrPath, digest: str) -> Path:
+    """The path of a blob given its digest ``sha256:<hex>``."""
+    if not _HEX_DIGEST.fullmatch(digest):
+        raise ValueError(f"invalid digest {digest!r}")
+    return Path(root, "blobs", digest.replace(":", "-"))
+
+
+def write_blob(root: StrPath, chunks: Iterable[Buffer]) -> Blob:
+    """Write bytes atomically as a content-addressed blob in ``<root>/blobs/``.
+
+    The chunks are streamed to a ``*.tmp`` file in ``blobs/`` while hashing, fsynced and renamed
+    to ``sha256-<hex>``; the directory is fsynced. If that blob already exists the temporary file
+    is dropped instead. On any error the temporary file is removed and no blob appears.
+
+    Returns:
+        the blob's digest and size.
+    """
+    blobs = Path(root, "blobs")
+    blobs.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".sha256-", suffix=_TEMP_SUFFIX, dir=blobs)
+    try:
+        hasher = hashlib.sha256()
+        size = 0
+        with open(fd, "wb", closefd=True) as f:
+            os.fchmod(f.fileno(), 0o644)
+            for chunk in chunks:
+                hasher.update(chunk)
+                f.write(chunk)
+                size += chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        blob = Blob("sha256:" + hasher.hexdigest(), size)
+        final = blob_path(root, blob.digest)
+        if final.exists():
+            os.unlink(tmp_name)
+        else:
+            os.replace(tmp_name, final)
+            _fsync_dir(blobs)
+    except BaseException:
+        # open() owns the descriptor and closed it; only the name can be left behind.
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return blob
+
+
+def write_tensor_blob(
+    root: StrPath,
+    tensors: Sequence[Tensor],
+    *,
+    style: Style,
+    metadata: Mapping[str, str] | None = None,
+) -> Blob:
+    """Encode tensors as safetensors and write them atomically as a blob."""
+    return write_blob(root, iter_safetensors(tensors, style=style, metadata=metadata))
+
+
+def encode_json(obj: object, *, indent: int | None = None, newline: bool = False) -> bytes:
+    """Encode JSON with sorted keys, compact or indented like Go's ``MarshalIndent``."""
+    data = msgspec.json.encode(obj, order="sorted")
+    if indent:
+        data = msgspec.json.format(data, indent=indent)
+    return data + b"\n" if newline else data
+
+
+def write_json_blob(root: StrPath, data: bytes) -> Blob:
+    """Write a JSON layer's bytes atomically as a blob (the bytes are stored verbatim)."""
+    return write_blob(root, [data])
+
+
+def build_config(
+    *,
+    file_type: str = "",
+    capabilities: Sequence[str] = ("completion",),
+    requires: str = "0.19.0",
+    draft: Mapping[str, str] | None = None,
+) -> bytes:
+    """Encode a ConfigV2 blob for a tensor model, field order as Ollama writes it (§2.3)."""
+    config: dict[str, Any] = {
+        "model_format": "safetensors",
+        "model_family": "",
+        "model_families": None,
+        "model_type": "",
+        "file_type": file_type,
+        "requires": requires,
+        "capabilities": list(capabilities),
+        "architecture": "",
+        "os": "",
+        "rootfs": {"type": "", "diff_ids": None},
+    }
+    if draft is not None:
+        config["draft"] = dict(draft)
+    return _encoder.encode(config)
+
+
+def build_manifest(config: Layer, layers: Sequence[Layer]) -> dict[str, Any]:
+    """The manifest dict: schema version 2, the config layer, then the layers in order."""
+    return {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": config.to_dict(),
+        "layers": [layer.to_dict() for layer in layers],
+    }
+
+
+def manifest_path(root: StrPath, name: str) -> Path:
+    """The manifest path for ``model``, ``ns/model``, ``host/ns/model``, each with ``:tag``.
+
+    Defaults fill host, namespace and tag (FORMAT.md §1.4); no validation is done, so tests can
+    write odd names on purpose.
+    """
+    tag = _DEFAULT_TAG
+    colon, slash = name.rfind(":"), name.rfind("/")
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1 :]
+    parts = name.split("/")
+    if len(parts) > 3:
+        parts = ["/".join(parts[:-2]), *parts[-2:]]
+    host, namespace, model = [_DEFAULT_HOST, _DEFAULT_NAMESPACE][: 3 - len(parts)] + parts
+    host = host.split("://", 1)[-1]
+    return Path(root, "manifests", host, namespace, model, tag)
+
+
+def write_manifest(root: StrPath, name: str, manifest: Mapping[str, Any] | bytes) -> Path:
+    """Write a manifest atomically as compact one-line JSON plus a newline (or bytes verbatim).
+
+    Returns:
+        the manifest's path.
+    """
+    path = manifest_path(root, name)
+    data = manifest if isinstance(manifest, bytes) else _encoder.encode(manifest) + b"\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A leading dot makes the temporary name an invalid tag, so listings skip it.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=_TEMP_SUFFIX, dir=path.parent)
+    try:
+        with open(fd, "wb", closefd=True) as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
