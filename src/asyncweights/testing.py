@@ -1,0 +1,489 @@
+"""Builders of small synthetic Ollama stores, with real bytes, for every era of FORMAT.md.
+
+``StoreBuilder.add_model`` writes a whole model the way Ollama wrote it in a given era and
+returns a ``BuiltModel`` that says what a loader must produce. The lower-level methods
+(``add_blob``, ``add_bytes``, ``add_json``, ``add_config``, ``write_manifest``) build unusual
+layouts by hand::
+
+    from asyncweights.testing import StoreBuilder, random_weights
+
+    b = StoreBuilder(tmp_path)
+    weights = random_weights({"model.layers.0.mlp.up_proj.weight": (64, 128)}, seed=1)
+    model = b.add_model("toy:latest", weights, era="E3", quantize="int4")
+    model.expected   # {"...up_proj.weight": U32, "..._scale": BF16, "..._qbias": BF16}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
+
+import mlx.core as mx
+
+from ._writer import (
+    CONFIG_MEDIA_TYPE,
+    JSON_MEDIA_TYPE,
+    TENSOR_MEDIA_TYPE,
+    Layer,
+    Style,
+    Tensor,
+    build_config,
+    build_manifest,
+    encode_json,
+    tensor_from_array,
+    write_blob,
+    write_manifest,
+    write_tensor_blob,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
+
+__all__ = [
+    "BuiltModel",
+    "Era",
+    "Layer",
+    "MetadataStyle",
+    "QuantParams",
+    "StoreBuilder",
+    "Tensor",
+    "default_policy",
+    "quant_params",
+    "quantize_array",
+    "random_array",
+    "random_weights",
+]
+
+Era: TypeAlias = Literal["E0", "E1", "E2", "E3"]
+MetadataStyle: TypeAlias = Literal["none", "global", "per_tensor", "both", "auto"]
+QuantSpec: TypeAlias = str | tuple[str, int]
+QuantPolicy: TypeAlias = Callable[[str, mx.array], QuantSpec | None]
+Quantize: TypeAlias = str | Mapping[str, QuantSpec] | QuantPolicy | None
+
+
+class QuantParams(NamedTuple):
+    """How one weight is quantized: canonical type, MLX mode, bits and group size (§5.1)."""
+
+    type: str
+    mode: str
+    bits: int
+    group_size: int
+
+
+# canonical type -> (MLX mode, bits, default group since 2026-03-06)
+_QUANT_TYPES: Mapping[str, tuple[str, int, int]] = {
+    "int4": ("affine", 4, 64),
+    "int8": ("affine", 8, 64),
+    "nvfp4": ("nvfp4", 4, 16),
+    "mxfp4": ("mxfp4", 4, 32),
+    "mxfp8": ("mxfp8", 8, 32),
+}
+# Labels written to E0 model_index.json for each requested type.
+_E0_LABELS: Mapping[str, str] = {
+    "int4": "Q4",
+    "int8": "Q8",
+    "nvfp4": "NVFP4",
+    "mxfp4": "MXFP4",
+    "mxfp8": "MXFP8",
+}
+_COMPONENTS = ("text_encoder", "transformer", "vae")
+_IMAGEGEN_CONFIGS = (
+    "model_index.json",
+    "text_encoder/config.json",
+    "text_encoder/generation_config.json",
+    "transformer/config.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+)
+_DEFAULT_METADATA: Mapping[str, MetadataStyle] = {
+    "E0": "none",
+    "E1": "none",
+    "E2": "per_tensor",
+    "E3": "auto",
+}
+
+
+def quant_params(spec: QuantSpec, *, era: Era = "E3") -> QuantParams:
+    """Resolve ``"int4"`` or ``("int4", 32)`` to full parameters (int4 is group 32 in E0)."""
+    qtype, group = (spec, None) if isinstance(spec, str) else spec
+    qtype = qtype.lower()
+    if qtype not in _QUANT_TYPES:
+        raise ValueError(f"unknown quant type {qtype!r}; expected one of {sorted(_QUANT_TYPES)}")
+    mode, bits, default = _QUANT_TYPES[qtype]
+    if group is None:
+        group = 32 if era == "E0" and qtype == "int4" else default
+    return QuantParams(qtype, mode, bits, group)
+
+
+def quantize_array(
+    array: mx.array, params: QuantParams
+) -> tuple[mx.array, mx.array, mx.array | None]:
+    """Quantize with MLX: packed U32 weight, scales, and biases (None for the FP modes)."""
+    out = mx.quantize(array, group_size=params.group_size, bits=params.bits, mode=params.mode)
+    biases = out[2] if params.mode == "affine" else None
+    mx.eval(out)
+    return out[0], out[1], biases
+
+
+def default_policy(qtype: QuantSpec, *, era: Era = "E3") -> QuantPolicy:
+    """Ollama's E0/E1 rule of which tensors to quantize (§4.1), for one requested type.
+
+    Skipped: the ``vae`` component, names with ``embed``, ``norm``, ``ln_`` or ``layernorm``,
+    anything but a ``*.weight`` of rank 2 or more, and last dimensions the group does not divide.
+    """
+    group = quant_params(qtype, era=era).group_size
+
+    def policy(name: str, array: mx.array) -> QuantSpec | None:
+        if name.startswith("vae/") or any(s in name for s in ("embed", "norm", "ln_")):
+            return None
+        if not name.endswith(".weight") or array.ndim < 2 or array.shape[-1] % group:
+            return None
+        return qtype
+
+    return policy
+
+
+def _seed_key(seed: int | str) -> mx.array:
+    if isinstance(seed, str):
+        seed = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "little")
+    return mx.random.key(seed)
+
+
+def random_array(
+    shape: Sequence[int], dtype: mx.Dtype = mx.bfloat16, *, seed: int | str = 0
+) -> mx.array:
+    """A deterministic random array: normal floats, small integers, or fair booleans."""
+    key = _seed_key(seed)
+    if dtype == mx.bool_:
+        out = mx.random.bernoulli(0.5, list(shape), key=key)
+    elif mx.issubdtype(dtype, mx.integer):
+        out = mx.random.randint(0, 100, list(shape), dtype=dtype, key=key)
+    else:
+        out = mx.random.normal(list(shape), key=key).astype(dtype)
+    mx.eval(out)
+    return out
+
+
+def random_weights(
+    shapes: Mapping[str, Sequence[int]], dtype: mx.Dtype = mx.bfloat16, *, seed: int | str = 0
+) -> dict[str, mx.array]:
+    """Deterministic random tensors by name; each depends only on ``seed`` and its name."""
+    return {name: random_array(s, dtype, seed=f"{seed}:{name}") for name, s in shapes.items()}
+
+
+@dataclass
+class BuiltModel:
+    """What ``add_model`` wrote, and what a loader must produce from it.
+
+    ``expected`` maps every logical name (with its ``component/`` prefix, as loaded with no
+    component) to its array: packed weights ``X``, scales ``X_scale``, biases ``X_qbias``
+    (FORMAT §5.2), and unquantized tensors. ``quantization`` maps each packed ``X`` to its
+    parameters.
+    """
+
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+    config: Layer
+    layers: list[Layer]
+    expected: dict[str, mx.array]
+    quantization: dict[str, QuantParams]
+    source: dict[str, mx.array] = field(repr=False)
+
+    def component(self, component: str | None) -> dict[str, mx.array]:
+        """The expected tensors of one component, prefix stripped (all of them for None)."""
+        if not component:
+            return dict(self.expected)
+        prefix = component + "/"
+        n = len(prefix)
+        return {k[n:]: v for k, v in self.expected.items() if k.startswith(prefix)}
+
+
+class StoreBuilder:
+    """Writes blobs, JSON layers and manifests into a store rooted at ``root``."""
+
+    def __init__(self, root: StrPath) -> None:
+        self.root = Path(root)
+        (self.root / "blobs").mkdir(parents=True, exist_ok=True)
+        (self.root / "manifests").mkdir(parents=True, exist_ok=True)
+
+    def add_blob(
+        self,
+        name: str,
+        tensors: Mapping[str, mx.array] | Iterable[Tensor],
+        *,
+        style: Style = "go",
+        metadata: Mapping[str, str] | None = None,
+        media_type: str = TENSOR_MEDIA_TYPE,
+    ) -> Layer:
+        """Write one safetensors blob, data in the order given, and return its layer ``name``."""
+        if isinstance(tensors, Mapping):
+            items = [tensor_from_array(k, v) for k, v in tensors.items()]
+        else:
+            items = list(tensors)
+        blob = write_tensor_blob(self.root, items, style=style, metadata=metadata)
+        return Layer(media_type, blob.digest, blob.size, name)
+
+    def add_bytes(self, name: str, data: bytes, *, media_type: str = TENSOR_MEDIA_TYPE) -> Layer:
+        """Write arbitrary bytes as a blob (e.g. a malformed tensor blob) and return its layer."""
+        blob = write_blob(self.root, [data])
+        return Layer(media_type, blob.digest, blob.size, name)
+
+    def add_json(self, name: str, value: object, *, indent: int | None = None) -> Layer:
+        """Write a JSON config layer: bytes verbatim, else sorted keys (compact ends in ``\\n``)."""
+        if isinstance(value, bytes):
+            data = value
+        else:
+            data = encode_json(value, indent=indent, newline=not indent)
+        return self.add_bytes(name, data, media_type=JSON_MEDIA_TYPE)
+
+    def add_config(
+        self,
+        *,
+        file_type: str = "",
+        capabilities: Sequence[str] = ("completion",),
+        requires: str = "0.19.0",
+        draft: Mapping[str, str] | None = None,
+    ) -> Layer:
+        """Write the ConfigV2 blob (``model_format: safetensors``) and return its layer."""
+        data = build_config(
+            file_type=file_type, capabilities=capabilities, requires=requires, draft=draft
+        )
+        return self.add_bytes("", data, media_type=CONFIG_MEDIA_TYPE)
+
+    def write_manifest(
+        self, name: str, layers: Sequence[Layer], *, config: Layer | None = None
+    ) -> Path:
+        """Write the manifest of ``name`` (a default LLM config blob if none is given)."""
+        config = config or self.add_config()
+        return write_manifest(self.root, name, build_manifest(config, layers))
+
+    def add_model(
+        self,
+        name: str,
+        tensors: Mapping[str, mx.array],
+        *,
+        era: Era = "E3",
+        quantize: Quantize = None,
+        pack: Mapping[str, Sequence[str]] | None = None,
+        configs: Mapping[str, object] | None = None,
+        metadata_style: MetadataStyle | None = None,
+        file_type: str | None = None,
+        label: str | None = None,
+        draft: Mapping[str, str] | None = None,
+    ) -> BuiltModel:
+        """Write a whole model as Ollama wrote it in ``era`` and return what a loader must see.
+
+        Args:
+            name: the model name, e.g. ``"toy:latest"``.
+            tensors: source tensors by name; a ``component/`` prefix makes an image-gen model.
+            era: the blob grammar (FORMAT.md §0, §3).
+            quantize: a type for every tensor ``default_policy`` accepts, a mapping of names to
+                a type or ``(type, group_size)``, or a callable ``(name, array)`` returning one
+                or None.
+            pack: E1+ packed blobs: layer name (a group prefix) -> tensor names it holds.
+            configs: JSON layers by path, dicts or bytes. An image-gen ``model_index.json`` dict
+                is rewritten the way Ollama stores it (§4.3).
+            metadata_style: labels of quantized packed blobs: ``none`` (E1), ``global`` (E2a,
+                only when uniform), ``per_tensor`` (E2b), ``both`` or ``auto`` (E3: global when
+                uniform, else per tensor). Defaults by era.
+            file_type: the config's ``file_type``; by default ``""`` before E2, else the type.
+            label: the E0/image-gen ``model_index.json`` ``quantization`` label.
+            draft: the config's ``draft`` object.
+        """
+        params = self._resolve_quantize(tensors, quantize, era)
+        types = Counter(p.type for p in params.values())
+        model_type = types.most_common(1)[0][0] if types else ""
+        components = any("/" in n for n in tensors)
+        order = sorted(tensors, key=lambda n: (_component_rank(n), n))
+
+        expected: dict[str, mx.array] = {}
+        quantized: dict[str, tuple[mx.array, mx.array, mx.array | None]] = {}
+        for n in order:
+            if n in params:
+                quantized[n] = q = quantize_array(tensors[n], params[n])
+                expected[n], expected[n + "_scale"] = q[0], q[1]
+                if q[2] is not None:
+                    expected[n + "_qbias"] = q[2]
+            else:
+                expected[n] = tensors[n]
+
+        if era == "E0":
+            if pack:
+                raise ValueError("E0 has no packed blobs")
+            layers = self._e0_layers(order, tensors, quantized)
+        else:
+            style = metadata_style or _DEFAULT_METADATA[era]
+            layers = self._named_layers(order, tensors, quantized, params, pack or {}, style)
+
+        if label is None:
+            label = _E0_LABELS[model_type] if era == "E0" and model_type else model_type.upper()
+        layers += self._config_layers(configs or {}, tensors, components, label, era, model_type)
+        if file_type is None:
+            file_type = model_type if era in ("E2", "E3") else ""
+        config = self.add_config(
+            file_type=file_type,
+            capabilities=["image"] if components else ["completion"],
+            requires="0.14.0" if era in ("E0", "E1") else "0.19.0",
+            draft=draft,
+        )
+        manifest = build_manifest(config, layers)
+        path = write_manifest(self.root, name, manifest)
+        return BuiltModel(
+            name, path, manifest, config, layers, expected, dict(params), dict(tensors)
+        )
+
+    def _resolve_quantize(
+        self, tensors: Mapping[str, mx.array], quantize: Quantize, era: Era
+    ) -> dict[str, QuantParams]:
+        if quantize is None:
+            return {}
+        if isinstance(quantize, str):
+            quantize = default_policy(quantize, era=era)
+        if isinstance(quantize, Mapping):
+            unknown = set(quantize) - set(tensors)
+            if unknown:
+                raise KeyError(f"quantize names unknown tensors: {sorted(unknown)}")
+            specs = dict(quantize)
+        else:
+            specs = {n: s for n, a in tensors.items() if (s := quantize(n, a)) is not None}
+        return {n: quant_params(s, era=era) for n, s in specs.items()}
+
+    def _e0_layers(
+        self,
+        order: Sequence[str],
+        tensors: Mapping[str, mx.array],
+        quantized: Mapping[str, tuple[mx.array, mx.array, mx.array | None]],
+    ) -> list[Layer]:
+        layers = []
+        for n in order:
+            if n not in quantized:
+                layers.append(self.add_blob(n, {"data": tensors[n]}))
+                continue
+            wq, scales, biases = quantized[n]
+            layers.append(self.add_blob(n, {"data": wq}, style="mlx"))
+            layers.append(self.add_blob(n + "_scale", {"data": scales}, style="mlx"))
+            if biases is not None:
+                layers.append(self.add_blob(n + "_qbias", {"data": biases}, style="mlx"))
+        return layers
+
+    def _named_layers(
+        self,
+        order: Sequence[str],
+        tensors: Mapping[str, mx.array],
+        quantized: Mapping[str, tuple[mx.array, mx.array, mx.array | None]],
+        params: Mapping[str, QuantParams],
+        pack: Mapping[str, Sequence[str]],
+        metadata_style: MetadataStyle,
+    ) -> list[Layer]:
+        group_of: dict[str, str] = {}
+        for prefix, members in pack.items():
+            for m in members:
+                if m not in tensors or m in group_of:
+                    raise ValueError(f"pack member {m!r} is unknown or in two groups")
+                group_of[m] = prefix
+        layers = []
+        written: set[str] = set()
+        for n in order:
+            group = group_of.get(n)
+            if group in written:
+                continue
+            members = [n] if group is None else list(pack[group])
+            if group is not None:
+                written.add(group)
+            entries: list[Tensor] = []
+            keys: dict[str, QuantParams] = {}
+            for m in members:
+                key = _blob_key(m, m in quantized)
+                if m in quantized:
+                    keys[key] = params[m]
+                    wq, scales, biases = quantized[m]
+                    entries += [
+                        tensor_from_array(key, wq),
+                        tensor_from_array(key + ".scale", scales),
+                    ]
+                    if biases is not None:
+                        entries.append(tensor_from_array(key + ".bias", biases))
+                else:
+                    entries.append(tensor_from_array(key, tensors[m]))
+            if not keys:  # Go writes unquantized blobs, data in key order.
+                entries.sort(key=lambda t: t.name)
+                blob = write_tensor_blob(self.root, entries, style="go")
+            else:
+                style = metadata_style if group is not None else "global"
+                meta = _quant_metadata(keys, style)
+                blob = write_tensor_blob(self.root, entries, style="mlx", metadata=meta)
+            layers.append(Layer(TENSOR_MEDIA_TYPE, blob.digest, blob.size, group or n))
+        return layers
+
+    def _config_layers(
+        self,
+        configs: Mapping[str, object],
+        tensors: Mapping[str, mx.array],
+        components: bool,
+        label: str,
+        era: Era,
+        model_type: str,
+    ) -> list[Layer]:
+        configs = dict(configs)
+        if components:
+            index = configs.get("model_index.json", {"_class_name": "SyntheticPipeline"})
+            if isinstance(index, Mapping):
+                te = configs.get("text_encoder/config.json")
+                dtype = te.get("torch_dtype", "") if isinstance(te, Mapping) else ""
+                count = sum(a.size for a in tensors.values())
+                configs["model_index.json"] = _ollama_model_index(index, count, label or dtype)
+            known = [c for c in _IMAGEGEN_CONFIGS if c in configs]
+            names = known + [c for c in configs if c not in known]
+        else:
+            if era == "E0" and model_type and "model_index.json" not in configs:
+                group = quant_params(model_type, era="E0").group_size
+                index = {"group_size": group, "quantization": label}
+                configs["model_index.json"] = encode_json(index)
+            names = list(configs)
+        return [self.add_json(c, configs[c]) for c in names]
+
+
+def _component_rank(name: str) -> int:
+    comp = name.partition("/")[0] if "/" in name else ""
+    return _COMPONENTS.index(comp) if comp in _COMPONENTS else len(_COMPONENTS)
+
+
+def _blob_key(name: str, quantized: bool) -> str:
+    # E1 image-gen quirk: quantized keys keep the component prefix, unquantized ones do not.
+    return name if quantized else name.partition("/")[2] or name
+
+
+def _quant_metadata(keys: Mapping[str, QuantParams], style: MetadataStyle) -> dict[str, str]:
+    uniform = len({(p.type, p.group_size) for p in keys.values()}) == 1
+    first = next(iter(keys.values()))
+    global_ = {"quant_type": first.type, "group_size": str(first.group_size)}
+    per_tensor: dict[str, str] = {}
+    for k, p in keys.items():
+        per_tensor[k + ".quant_type"] = p.type
+        per_tensor[k + ".group_size"] = str(p.group_size)
+    if style == "none":
+        return {}
+    if style == "global":
+        return global_ if uniform else {}
+    if style == "per_tensor":
+        return per_tensor
+    if style == "both":
+        return {**per_tensor, **global_} if uniform else per_tensor
+    return global_ if uniform else per_tensor
+
+
+def _ollama_model_index(index: Mapping[str, Any], count: int, label: str) -> bytes:
+    """A diffusers ``model_index.json`` as Ollama stores it (§4.3)."""
+    out = {k: v for k, v in index.items() if k not in ("_class_name", "_diffusers_version")}
+    out["architecture"] = index.get("_class_name", "")
+    out["parameter_count"] = count
+    out["quantization"] = label
+    return encode_json(out, indent=4)
