@@ -1,1 +1,82 @@
-"""asyncweights."""
+"""asyncweights: load model weights from Ollama-style stores into MLX arrays, from async code.
+
+    import asyncweights as aw
+    weights = await aw.load_weights("z-image", "transformer")
+"""
+
+from __future__ import annotations
+
+from ._errors import AsyncWeightsError as AsyncWeightsError
+from ._errors import BlobError as BlobError
+from ._errors import BlobMissingError as BlobMissingError
+from ._errors import BudgetError as BudgetError
+from ._errors import ComponentNotFoundError as ComponentNotFoundError
+from ._errors import ConfigNotFoundError as ConfigNotFoundError
+from ._errors import DigestMismatchError as DigestMismatchError
+from ._errors import DuplicateTensorError as DuplicateTensorError
+from ._errors import HeaderError as HeaderError
+from ._errors import InvalidNameError as InvalidNameError
+from ._errors import LoadError as LoadError
+from ._errors import ManifestError as ManifestError
+from ._errors import ModelNotFoundError as ModelNotFoundError
+from ._errors import QuantizationError as QuantizationError
+from ._errors import SizeMismatchError as SizeMismatchError
+from ._errors import UnsupportedDTypeError as UnsupportedDTypeError
+from ._limits import Limits as Limits
+from ._load import load_weights as load_weights
+from ._load import stream_weights as stream_weights
+from ._manifest import Layer as Layer
+from ._manifest import Manifest as Manifest
+from ._manifest import ModelConfig as ModelConfig
+from ._model import Model as Model
+from ._progress import Progress as Progress
+from ._quant import Quantization as Quantization
+from ._store import ModelName as ModelName
+from ._store import ModelStore as ModelStore
+from ._weights import Tensor as Tensor
+from ._weights import TensorInfo as TensorInfo
+from ._weights import Weights as Weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncWeightsError",
+    "BlobError",
+    "BlobMissingError",
+    "BudgetError",
+    "ComponentNotFoundError",
+    "ConfigNotFoundError",
+    "DigestMismatchError",
+    "DuplicateTensorError",
+    "HeaderError",
+    "InvalidNameError",
+    "Layer",
+    "Limits",
+    "LoadError",
+    "Manifest",
+    "ManifestError",
+    "Model",
+    "ModelConfig",
+    "ModelName",
+    "ModelNotFoundError",
+    "ModelStore",
+    "Progress",
+    "Quantization",
+    "QuantizationError",
+    "SizeMismatchError",
+    "Tensor",
+    "TensorInfo",
+    "UnsupportedDTypeError",
+    "Weights",
+    "load_weights",
+    "stream_weights",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("asyncweights."):
+        try:
+            _obj.__module__ = "asyncweights"
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

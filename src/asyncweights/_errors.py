@@ -1,0 +1,203 @@
+"""The exception tree of asyncweights.
+
+Every error the library raises on purpose derives from `AsyncWeightsError`:
+
+    AsyncWeightsError
+    ├── InvalidNameError            a model name outside Ollama's grammar
+    ├── ModelNotFoundError          no manifest for the name, or several that match
+    ├── ManifestError               manifest unreadable, not JSON, wrong schema
+    ├── ComponentNotFoundError      the model has no tensors for that component
+    ├── ConfigNotFoundError         no JSON config layer of that name
+    ├── BlobError                   something wrong with one blob
+    │   ├── BlobMissingError        the blob file is absent
+    │   ├── SizeMismatchError       file size differs from the manifest's size
+    │   ├── DigestMismatchError     sha256 of the bytes differs from the digest
+    │   └── HeaderError             the safetensors header breaks a rule
+    │       └── UnsupportedDTypeError
+    ├── DuplicateTensorError        two blobs define the same tensor name
+    ├── QuantizationError           a quantized weight whose facts do not add up
+    ├── BudgetError                 a load larger than the configured memory budget
+    └── LoadError                   reading or evaluating tensors failed (I/O, callbacks)
+
+Messages are built from the stored fields, so the model, tensor, digest and file a
+failure concerns are always named the same way. OS errors keep their real errno.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from pathlib import Path
+
+__all__ = [
+    "AsyncWeightsError",
+    "BlobError",
+    "BlobMissingError",
+    "BudgetError",
+    "ComponentNotFoundError",
+    "ConfigNotFoundError",
+    "DigestMismatchError",
+    "DuplicateTensorError",
+    "HeaderError",
+    "InvalidNameError",
+    "LoadError",
+    "ManifestError",
+    "ModelNotFoundError",
+    "QuantizationError",
+    "SizeMismatchError",
+    "UnsupportedDTypeError",
+]
+
+
+class AsyncWeightsError(Exception):
+    """Root of every error asyncweights raises on purpose.
+
+    Attributes:
+        model: the model name (or manifest path) the error concerns, if known.
+        tensor: the tensor name, if the error concerns one.
+        digest: the blob digest (``sha256:<hex>``), if the error concerns one.
+        path: the file involved, if any.
+        errno: the operating system's error number, when an OS error caused it.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        model: str | None = None,
+        tensor: str | None = None,
+        digest: str | None = None,
+        path: str | Path | None = None,
+        errno: int | None = None,
+    ) -> None:
+        self.reason = reason
+        self.model = model
+        self.tensor = tensor
+        self.digest = digest
+        self.path = None if path is None else Path(path)
+        self.errno = errno
+        super().__init__(self._message())
+        # OSError.__init__ resets errno; the one we were given is the one that counts.
+        self.errno = errno
+
+    def _message(self) -> str:
+        where = []
+        if self.model is not None:
+            where.append(f"model {self.model!r}")
+        if self.tensor is not None:
+            where.append(f"tensor {self.tensor!r}")
+        if self.digest is not None:
+            where.append(f"blob {self.digest}")
+        if self.path is not None:
+            where.append(f"file {str(self.path)!r}")
+        if self.errno is not None:
+            where.append(f"errno {_errno.errorcode.get(self.errno, self.errno)}")
+        return f"{self.reason} ({', '.join(where)})" if where else self.reason
+
+    def add_context(self, **fields: str | Path | None) -> None:
+        """Fill in fields still unknown where the error was raised, and refresh the message."""
+        for name, value in fields.items():
+            if value is not None and getattr(self, name) is None:
+                setattr(self, name, Path(value) if name == "path" else value)
+        self.args = (self._message(),)
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields would be lost by the default pickling (worker processes).
+        return (_rebuild, (type(self), self.reason, self.__dict__.copy(), self.errno))
+
+
+def _rebuild(
+    cls: type[AsyncWeightsError], reason: str, state: dict[str, object], errno: int | None
+) -> AsyncWeightsError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, reason)
+    err.__dict__.update(state)
+    err.errno = errno
+    err.args = (err._message(),)
+    return err
+
+
+class InvalidNameError(AsyncWeightsError, ValueError):
+    """A model name that Ollama's name grammar rejects."""
+
+
+class ModelNotFoundError(AsyncWeightsError, LookupError):
+    """No manifest matches the model name (or more than one does, ignoring case)."""
+
+
+class ManifestError(AsyncWeightsError):
+    """A manifest that cannot be read, is not JSON, or does not follow the schema."""
+
+
+class ComponentNotFoundError(AsyncWeightsError, LookupError):
+    """The model has no tensor layers for the requested component.
+
+    Attributes:
+        component: the component asked for.
+        available: the components the model does have.
+    """
+
+    def __init__(self, component: str, available: list[str], *, model: str | None) -> None:
+        self.component = component
+        self.available = available
+        listed = ", ".join(repr(c) for c in available) if available else "none"
+        super().__init__(f"no component {component!r}; the model has: {listed}", model=model)
+
+
+class ConfigNotFoundError(AsyncWeightsError, LookupError):
+    """No JSON config layer with that exact name in the manifest."""
+
+
+class BlobError(AsyncWeightsError):
+    """Something is wrong with one blob of a model."""
+
+
+class BlobMissingError(BlobError, FileNotFoundError):
+    """The blob file named by the manifest does not exist."""
+
+
+class SizeMismatchError(BlobError):
+    """The blob's size on disk differs from the size in the manifest."""
+
+
+class DigestMismatchError(BlobError):
+    """The SHA-256 of the blob's bytes differs from its digest."""
+
+
+class HeaderError(BlobError):
+    """A safetensors header that breaks one of the framing rules."""
+
+
+class UnsupportedDTypeError(HeaderError):
+    """A tensor dtype that asyncweights (and MLX) cannot load."""
+
+
+class DuplicateTensorError(AsyncWeightsError):
+    """Two entries define the same tensor name; asyncweights never keeps 'the last one'."""
+
+
+class QuantizationError(AsyncWeightsError):
+    """A quantized weight whose scales, biases or labels are missing or inconsistent."""
+
+
+class BudgetError(AsyncWeightsError, MemoryError):
+    """A load needs more memory than the configured budget allows."""
+
+
+class LoadError(AsyncWeightsError):
+    """Reading or evaluating tensors failed, or a progress callback raised."""
+
+
+def first_error(group: BaseExceptionGroup[AsyncWeightsError]) -> AsyncWeightsError:
+    """The first typed error of a task group's exception group.
+
+    Concurrent tasks of one load fail for one cause (the first bad blob each met), so the
+    first typed error is the one to surface; the group stays reachable as its context.
+    """
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, AsyncWeightsError)
+    return exc

@@ -1,0 +1,301 @@
+"""Reading and validating safetensors headers before any tensor data is touched.
+
+The rules are FORMAT.md §6 plus the stricter ones of DESIGN.md §5: MLX accepts
+overlapping offsets, trailing bytes, negative or float dimensions and wraps dimensions of
+2^32, so every header is checked here first, and MLX only ever sees files that passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ._errors import BlobMissingError, HeaderError, SizeMismatchError, UnsupportedDTypeError
+
+__all__ = ["DTYPE_SIZES", "MAX_HEADER", "BlobHeader", "TensorEntry", "parse_header", "read_header"]
+
+#: MLX's bound: the header length must be below 100,000,000 bytes (FORMAT.md §6.1).
+MAX_HEADER = 100_000_000
+#: Every dtype string MLX loads, with its item size in bytes (FORMAT.md §6.6).
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "C64": 8,
+}
+_MAX_DIM = 2**31 - 1  # MLX keeps dimensions as int32
+_ENTRY_FIELDS = ('"dtype"', '"shape"', '"data_offsets"')
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """One tensor of a blob: its key, dtype string, shape and byte range in the data section."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True, slots=True)
+class BlobHeader:
+    """A validated safetensors header: tensors by key, metadata, and where the data starts."""
+
+    file_size: int
+    data_start: int
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class _Invalid(Exception):
+    """A rule broken; turned into HeaderError with the blob's facts by the caller."""
+
+    def __init__(self, reason: str, tensor: str | None = None, *, dtype: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.tensor = tensor
+        self.dtype = dtype
+
+
+def parse_header(prefix_and_header: bytes, file_size: int) -> BlobHeader:
+    """Validate the first ``8 + n`` bytes of a safetensors file whose total size is known.
+
+    Raises:
+        HeaderError: any rule broken (UnsupportedDTypeError for an unknown dtype).
+    """
+    try:
+        return _parse(prefix_and_header, file_size)
+    except _Invalid as exc:
+        cls = UnsupportedDTypeError if exc.dtype else HeaderError
+        raise cls(exc.reason, tensor=exc.tensor) from None
+
+
+def _header_length(prefix: bytes, file_size: int) -> int:
+    """Check the 8-byte length prefix against MLX's bound and the file size; return it."""
+    if len(prefix) < 8 or file_size < 8:
+        raise _Invalid(f"file too short for a safetensors header ({file_size} bytes)")
+    n = int.from_bytes(prefix[:8], "little")
+    if n == 0:
+        raise _Invalid("header length is 0")
+    if n >= MAX_HEADER:
+        raise _Invalid(f"header length {n} is not below the limit of {MAX_HEADER} bytes")
+    if 8 + n > file_size:
+        raise _Invalid(f"header length {n} runs past the end of the {file_size}-byte file")
+    return n
+
+
+def _parse(raw: bytes, file_size: int) -> BlobHeader:
+    n = _header_length(raw, file_size)
+    text = raw[8 : 8 + n]
+    if len(text) != n:
+        raise _Invalid(f"header cut short: {len(text)} of {n} bytes")
+    doc = _decode_json(text)
+    if not isinstance(doc, dict):
+        raise _Invalid(f"header is a JSON {type(doc).__name__}, not an object")
+    meta_raw = doc.pop("__metadata__", None)
+    metadata: dict[str, str] = {}
+    if meta_raw is not None:
+        if not isinstance(meta_raw, dict) or not all(
+            isinstance(v, str) for v in meta_raw.values()
+        ):
+            raise _Invalid("__metadata__ must be an object of strings")
+        metadata = meta_raw
+    entries: dict[str, TensorEntry] = {}
+    for key, value in doc.items():
+        entries[key] = _entry(key, value)
+    data_len = file_size - 8 - n
+    covered = 0
+    for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if entry.begin != covered:
+            what = "overlaps another tensor" if entry.begin < covered else "leaves a gap before it"
+            raise _Invalid(f"data_offsets [{entry.begin}, {entry.end}] {what}", entry.key)
+        covered = entry.end
+    if covered != data_len:
+        if covered > data_len:
+            raise _Invalid(f"data_offsets end at {covered}, past the {data_len}-byte data section")
+        raise _Invalid(f"{data_len - covered} trailing bytes after the last tensor")
+    return BlobHeader(file_size=file_size, data_start=8 + n, entries=entries, metadata=metadata)
+
+
+def _decode_json(text: bytes) -> Any:
+    try:
+        doc = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise _Invalid(f"header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _Invalid("header JSON is nested too deeply") from None
+    if isinstance(doc, dict) and _may_have_duplicates(text, doc):
+        # msgspec keeps the last of duplicate keys; the slow parser tells for sure.
+        _reject_duplicates(text)
+    return doc
+
+
+def _may_have_duplicates(text: bytes, doc: dict[str, Any]) -> bool:
+    """Cheap, exact-enough screen: each tensor entry spells each field name once."""
+    decoded = text.decode("utf-8", "replace")
+    tensors = len(doc) - ("__metadata__" in doc)
+    if decoded.count('"__metadata__"') > 1:
+        return True
+    meta = doc.get("__metadata__")
+    if isinstance(meta, dict) and meta:
+        return True
+    return any(decoded.count(name) != tensors for name in _ENTRY_FIELDS)
+
+
+def _reject_duplicates(text: bytes) -> None:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise _Invalid(f"duplicate key {key!r} in header", key)
+            seen[key] = value
+        return seen
+
+    try:
+        json.loads(text.decode("utf-8"), object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        pass  # msgspec accepted it; only duplicates matter here
+
+
+def _entry(key: str, value: Any) -> TensorEntry:
+    if not isinstance(value, dict):
+        raise _Invalid("tensor entry is not an object", key)
+    dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if dtype is None or shape is None or offsets is None:
+        raise _Invalid("tensor entry needs dtype, shape and data_offsets", key)
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        supported = ", ".join(sorted(DTYPE_SIZES))
+        raise _Invalid(f"unsupported dtype {dtype!r}; supported: {supported}", key, dtype=True)
+    if not isinstance(shape, list) or not all(
+        type(d) is int and 0 <= d <= _MAX_DIM for d in shape
+    ):
+        raise _Invalid(f"shape {shape!r} is not a list of integers in [0, 2^31)", key)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+    ):
+        raise _Invalid(f"data_offsets {offsets!r} is not two non-negative integers", key)
+    begin, end = offsets
+    if end < begin:
+        raise _Invalid(f"data_offsets [{begin}, {end}] are reversed", key)
+    count = 1
+    for d in shape:
+        count *= d
+    if count * DTYPE_SIZES[dtype] != end - begin:
+        raise _Invalid(
+            f"data_offsets span {end - begin} bytes but {dtype} {shape} needs "
+            f"{count * DTYPE_SIZES[dtype]}",
+            key,
+        )
+    return TensorEntry(key, dtype, tuple(shape), begin, end)
+
+
+_FIRST_READ = 64 * 1024  # most headers are a few hundred bytes: one read fetches them
+
+
+def read_header(path: Path, *, expected_size: int | None) -> BlobHeader:
+    """Read and validate a blob's header, checking its size against the manifest (blocking).
+
+    Raises:
+        BlobMissingError: no such file.
+        SizeMismatchError: the file's size differs from `expected_size`.
+        HeaderError: the header breaks a rule; OSError for other I/O failures.
+    """
+    key = os.fspath(path)
+    try:
+        fd = os.open(key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise BlobMissingError("blob file is missing", path=path, errno=exc.errno) from None
+    try:
+        st = os.fstat(fd)
+        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = _CACHE.get(key, signature)
+        if cached is not None:
+            header = cached
+        else:
+            if expected_size is not None and st.st_size != expected_size:
+                raise SizeMismatchError(
+                    f"blob is {st.st_size} bytes but the manifest says {expected_size}", path=path
+                )
+            raw = os.pread(fd, _FIRST_READ, 0)
+            if len(raw) >= 8:
+                n = int.from_bytes(raw[:8], "little")
+                if 8 + n > len(raw) and 0 < n < MAX_HEADER and 8 + n <= st.st_size:
+                    raw += _pread_exact(fd, 8 + n - len(raw), len(raw))
+            header = parse_header(raw, st.st_size)
+            _CACHE.put(key, signature, header)
+    finally:
+        os.close(fd)
+    if expected_size is not None and header.file_size != expected_size:
+        raise SizeMismatchError(
+            f"blob is {header.file_size} bytes but the manifest says {expected_size}", path=path
+        )
+    return header
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+class _HeaderCache:
+    """Parsed headers by file, valid while the file's identity and mtime are unchanged."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[str, tuple[tuple[int, ...], BlobHeader]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, signature: tuple[int, ...]) -> BlobHeader | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None or item[0] != signature:
+                return None
+            self._items.move_to_end(key)
+            return item[1]
+
+    def put(self, key: str, signature: tuple[int, ...], header: BlobHeader) -> None:
+        with self._lock:
+            self._items[key] = (signature, header)
+            self._items.move_to_end(key)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+# Thread-safe and loop-agnostic: it holds plain data keyed by file identity.
+_CACHE = _HeaderCache(capacity=65_536)

@@ -1,0 +1,47 @@
+"""Every tuning knob of a load, in one frozen object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Limits"]
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Bounds on a load's memory, files, threads and progress rate.
+
+    Attributes:
+        group_bytes: tensor bytes read and evaluated per worker call; also bounds the time
+            a cancel waits for the call in flight. 64 MiB takes ~30 ms on a 2-core VM.
+        max_open_files: blob files open at once across all workers (MLX keeps a lazily
+            loaded blob open until it is evaluated). Lowered automatically when the
+            process's RLIMIT_NOFILE leaves less room.
+        workers: groups loaded concurrently, each in its own worker thread.
+        buffered_groups: evaluated groups waiting for a slow consumer of `stream_weights`;
+            memory in flight is at most ``(workers + buffered_groups) * group_bytes``.
+        header_batch: blob headers read per worker call while planning.
+        max_bytes: refuse a load whose tensors exceed this many bytes, before reading any.
+        progress_interval: seconds between progress events (first and last always sent).
+    """
+
+    group_bytes: int = 64 * MiB
+    max_open_files: int = 32
+    workers: int = 2
+    buffered_groups: int = 1
+    header_batch: int = 64
+    max_bytes: int | None = None
+    progress_interval: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("group_bytes", "max_open_files", "workers", "header_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be at least 1")
+        if self.buffered_groups < 0:
+            raise ValueError("Limits.buffered_groups must not be negative")
+        if self.max_bytes is not None and self.max_bytes < 0:
+            raise ValueError("Limits.max_bytes must not be negative")
+        if self.progress_interval < 0:
+            raise ValueError("Limits.progress_interval must not be negative")

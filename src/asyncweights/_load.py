@@ -1,0 +1,347 @@
+"""The async pipeline: `load_weights` and `stream_weights`.
+
+    plan (headers, names, groups) ─► workers: one thread call per group ─► bounded stream
+    (mx.load + dtype + one mx.eval)        of evaluated groups ─► Weights | async iterator
+
+A group is loaded and evaluated inside one worker-thread call: MLX streams are per thread
+since 0.31.2, so a lazy array made on one thread cannot be evaluated on another, and a
+lazily loaded blob keeps its file open until evaluated, which is why groups are bounded by
+open files as well as bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.to_thread
+import mlx.core as mx
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._errors import AsyncWeightsError, BlobError, DigestMismatchError, LoadError, first_error
+from ._limits import Limits
+from ._manifest import Manifest
+from ._model import Model
+from ._plan import BlobPlan, Plan, PlannedTensor, make_plan
+from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
+from ._store import ModelName, ModelStore
+from ._weights import Tensor, TensorInfo, Weights
+
+__all__ = ["load_weights", "stream_weights"]
+
+ModelRef = str | os.PathLike[str] | ModelName | Manifest | Model
+StoreRef = str | os.PathLike[str] | ModelStore | None
+_Loaded = list[tuple[PlannedTensor, mx.array]]
+
+
+async def load_weights(
+    model: ModelRef,
+    component: str | None = None,
+    *,
+    store: StoreRef = None,
+    dtype: mx.Dtype | None = None,
+    verify: bool = False,
+    on_progress: ProgressCallback | None = None,
+    limits: Limits | None = None,
+) -> Weights:
+    """Load the tensors of one component of a model into evaluated MLX arrays.
+
+    Args:
+        model: a name (``"z-image"``, ``"ns/name:tag"``, ``"host/ns/name:tag"``), a path
+            to a manifest file, a decoded `Manifest`, or an opened `Model`.
+        component: ``"text_encoder"``, ``"transformer"``, ``"vae"`` …; its prefix is
+            stripped from the names. None or ``""`` loads every tensor with full names.
+        store: the models root or a `ModelStore`; defaults to ``$OLLAMA_MODELS``, else
+            ``~/.ollama/models``.
+        dtype: convert floating-point tensors to this dtype; packed quantized weights,
+            their scales and biases, and integer tensors keep theirs.
+        verify: check each blob's SHA-256 against its digest while loading.
+        on_progress: a plain or async callable receiving `Progress` events.
+        limits: memory, file and thread bounds; see `Limits`.
+
+    Returns:
+        The tensors, with per-tensor facts in ``weights.info``.
+
+    Raises:
+        AsyncWeightsError: a subclass naming the model, tensor, digest and file at fault.
+            Nothing partially loaded is returned; cancellation frees everything.
+    """
+    arrays: dict[str, mx.array] = {}
+    info: dict[str, TensorInfo] = {}
+    async with _pipeline(model, component, store, dtype, verify, on_progress, limits) as (
+        plan,
+        groups,
+    ):
+        async for loaded in groups:
+            for tensor, array in loaded:
+                arrays[tensor.name] = array
+                info[tensor.name] = _info(tensor, array)
+    order = [t.name for blob in plan.blobs for t in blob.tensors]
+    return Weights(
+        {name: arrays[name] for name in order},
+        {name: info[name] for name in order},
+        model=plan.model,
+        component=plan.component,
+        quantization=plan.quantization,
+    )
+
+
+@asynccontextmanager
+async def stream_weights(
+    model: ModelRef,
+    component: str | None = None,
+    *,
+    store: StoreRef = None,
+    dtype: mx.Dtype | None = None,
+    verify: bool = False,
+    on_progress: ProgressCallback | None = None,
+    limits: Limits | None = None,
+) -> AsyncIterator[AsyncIterator[Tensor]]:
+    """Stream a model's tensors, already evaluated, as their groups finish.
+
+    Use as ``async with stream_weights(...) as tensors: async for t in tensors: ...``.
+    Memory in flight is bounded by `Limits`; leaving the block early cancels the load and
+    frees its files, threads and buffers. Arguments are those of `load_weights`.
+    """
+    async with _pipeline(model, component, store, dtype, verify, on_progress, limits) as (
+        _,
+        groups,
+    ):
+        yield _Tensors(groups)
+
+
+def _info(tensor: PlannedTensor, array: mx.array) -> TensorInfo:
+    return TensorInfo(
+        name=tensor.name,
+        dtype=array.dtype,
+        shape=tuple(array.shape),
+        nbytes=array.nbytes,
+        digest=tensor.digest,
+        key=tensor.key,
+        source_dtype=tensor.entry.dtype,
+        quantization=tensor.quantization,
+    )
+
+
+async def open_model(model: ModelRef, store: StoreRef) -> Model:
+    """Resolve the `model` and `store` arguments of the public functions to a `Model`."""
+    if isinstance(model, Model):
+        return model
+    if not isinstance(store, ModelStore):
+        store = ModelStore(store)
+    return await store.open(model)
+
+
+@asynccontextmanager
+async def _pipeline(
+    model_ref: ModelRef,
+    component: str | None,
+    store: StoreRef,
+    dtype: mx.Dtype | None,
+    verify: bool,
+    on_progress: ProgressCallback | None,
+    limits: Limits | None,
+) -> AsyncIterator[tuple[Plan, _Groups]]:
+    limits = limits or Limits()
+    started = time.monotonic()
+    model = await open_model(model_ref, store)
+    reporter = ProgressReporter(on_progress, limits.progress_interval, model.label)
+    send, receive = anyio.create_memory_object_stream[_Loaded](limits.buffered_groups)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reporter.run)
+            try:
+                plan = await make_plan(model, component, limits)
+            except BaseException:
+                reporter.close(None)
+                raise
+            groups = _Groups(plan, receive, reporter, started)
+            reporter.emit(groups.event("planning"), force=True)
+            tg.start_soon(_produce, plan, dtype, verify, limits, send)
+            try:
+                yield plan, groups
+            finally:
+                if not groups.finished:
+                    # Left early, or the consumer failed: stop the workers and the reporter.
+                    tg.cancel_scope.cancel()
+                    reporter.close(None)
+    except* AsyncWeightsError as group:
+        raise first_error(group) from None
+    finally:
+        send.close()
+        receive.close()
+
+
+class _Groups:
+    """The consumer's side of the pipeline: evaluated groups, counted for progress."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        receive: MemoryObjectReceiveStream[_Loaded],
+        reporter: ProgressReporter,
+        started: float,
+    ) -> None:
+        self._receive = receive
+        self._reporter = reporter
+        self._started = started
+        self._model = plan.model
+        self._total_bytes = plan.total_bytes
+        self._total_tensors = plan.total_tensors
+        self._bytes = 0
+        self._tensors = 0
+        self._last: str | None = None
+        self.finished = False
+
+    def event(self, phase: Phase) -> Progress:
+        return Progress(
+            phase=phase,
+            completed_bytes=self._bytes,
+            total_bytes=self._total_bytes,
+            completed_tensors=self._tensors,
+            total_tensors=self._total_tensors,
+            elapsed=time.monotonic() - self._started,
+            tensor=self._last,
+            model=self._model,
+        )
+
+    def __aiter__(self) -> _Groups:
+        return self
+
+    async def __anext__(self) -> _Loaded:
+        try:
+            loaded = await self._receive.receive()
+        except anyio.EndOfStream:
+            self.finished = True
+            self._reporter.close(self.event("done"))
+            raise StopAsyncIteration from None
+        seen: set[tuple[str, str]] = set()
+        for tensor, _ in loaded:
+            if (tensor.digest, tensor.key) not in seen:
+                seen.add((tensor.digest, tensor.key))
+                self._bytes += tensor.entry.nbytes
+            self._tensors += 1
+            self._last = tensor.name
+        self._reporter.emit(self.event("loading"))
+        return loaded
+
+
+class _Tensors:
+    """`stream_weights`' iterator: one `Tensor` at a time out of the evaluated groups."""
+
+    def __init__(self, groups: _Groups) -> None:
+        self._groups = groups
+        self._pending: _Loaded = []
+
+    def __aiter__(self) -> _Tensors:
+        return self
+
+    async def __anext__(self) -> Tensor:
+        while not self._pending:
+            self._pending = list(reversed(await self._groups.__anext__()))
+        tensor, array = self._pending.pop()
+        return Tensor(tensor.name, array, _info(tensor, array))
+
+
+async def _produce(
+    plan: Plan,
+    dtype: mx.Dtype | None,
+    verify: bool,
+    limits: Limits,
+    send: MemoryObjectSendStream[_Loaded],
+) -> None:
+    indices = iter(range(len(plan.groups)))
+
+    async def worker() -> None:
+        for index in indices:  # shared: each worker takes the next group not yet taken
+            loaded = await anyio.to_thread.run_sync(
+                _load_group, plan.groups[index], dtype, verify, plan.model
+            )
+            await send.send(loaded)
+
+    async with send, anyio.create_task_group() as tg:
+        for _ in range(min(limits.workers, len(plan.groups))):
+            tg.start_soon(worker)
+
+
+def _load_group(
+    group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, model: str
+) -> _Loaded:
+    """Load and evaluate one group of blobs (runs in a worker thread; blocking)."""
+    loaded: _Loaded = []
+    for blob in group:
+        arrays = _open_blob(blob, model)
+        for tensor in blob.tensors:
+            array = arrays[tensor.key]
+            if (
+                dtype is not None
+                and not tensor.companion
+                and tensor.quantization is None
+                and array.dtype != dtype
+                and mx.issubdtype(array.dtype, mx.floating)
+            ):
+                array = array.astype(dtype)
+            loaded.append((tensor, array))
+        del arrays
+    try:
+        mx.eval([array for _, array in loaded])
+    except RuntimeError as exc:
+        blob = group[0] if len(group) == 1 else None
+        raise LoadError(
+            f"reading tensors failed: {exc}",
+            model=model,
+            digest=None if blob is None else blob.digest,
+            path=None if blob is None else blob.path,
+        ) from exc
+    if verify:
+        for blob in group:
+            _verify(blob, model)
+    return loaded
+
+
+def _open_blob(blob: BlobPlan, model: str) -> dict[str, mx.array]:
+    path = os.fspath(blob.path)
+    try:
+        arrays, _ = mx.load(path, format="safetensors", return_metadata=True)
+    except RuntimeError as exc:
+        # MLX's message has no errno: open the file ourselves to learn the real cause.
+        errno = None
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+        except OSError as os_exc:
+            errno = os_exc.errno
+        cls = BlobError if errno is None else LoadError
+        raise cls(
+            f"cannot open blob: {exc}", model=model, digest=blob.digest, path=blob.path,
+            errno=errno,
+        ) from exc  # fmt: skip
+    for tensor in blob.tensors:
+        array = arrays.get(tensor.key)
+        if array is None or tuple(array.shape) != tensor.entry.shape:
+            # The file changed after its header was validated.
+            raise BlobError(
+                "blob changed while loading", model=model, tensor=tensor.name,
+                digest=blob.digest, path=blob.path,
+            )  # fmt: skip
+    return arrays
+
+
+_HASH_CHUNK = 8 << 20
+
+
+def _verify(blob: BlobPlan, model: str) -> None:
+    digest = hashlib.sha256()
+    with open(blob.path, "rb", buffering=0) as f:
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            digest.update(view[:n])  # hashlib releases the GIL for large buffers
+    actual = "sha256:" + digest.hexdigest()
+    if actual != blob.digest:
+        raise DigestMismatchError(
+            f"blob bytes hash to {actual}", model=model, digest=blob.digest, path=blob.path
+        )

@@ -1,0 +1,125 @@
+"""A model opened from a store: its manifest, components, configs and sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from ._errors import (
+    BlobMissingError,
+    ConfigNotFoundError,
+    LoadError,
+    ManifestError,
+    SizeMismatchError,
+)
+from ._manifest import Layer, Manifest, ModelConfig, decode_config
+
+if TYPE_CHECKING:
+    from ._store import ModelStore
+
+__all__ = ["Model"]
+
+_JSON_DECODER = msgspec.json.Decoder()
+
+
+class Model:
+    """A decoded manifest together with the store its blobs live in.
+
+    Get one with ``await ModelStore().open(name)``.
+    """
+
+    def __init__(self, store: ModelStore, manifest: Manifest, *, label: str, path: Path | None):
+        self.store = store
+        self.manifest = manifest
+        #: how the model was named by the caller (name, path, or ``"<manifest>"``)
+        self.label = label
+        #: the manifest file, when the model came from one
+        self.path = path
+        self._config: ModelConfig | None = None
+
+    def __repr__(self) -> str:
+        return f"<Model {self.label!r} {len(self.tensor_layers)} tensor layers>"
+
+    @property
+    def tensor_layers(self) -> list[Layer]:
+        """Tensor layers, in manifest order."""
+        return self.manifest.tensor_layers
+
+    @property
+    def components(self) -> list[str]:
+        """Components present (first segment of prefixed layer names), in manifest order."""
+        seen: dict[str, None] = {}
+        for layer in self.tensor_layers:
+            if layer.name and "/" in layer.name:
+                seen.setdefault(layer.name.split("/", 1)[0], None)
+        return list(seen)
+
+    @property
+    def config_names(self) -> list[str]:
+        """Names of the JSON config layers (``model_index.json``, ``vae/config.json`` …)."""
+        return [layer.name for layer in self.manifest.json_layers if layer.name]
+
+    @property
+    def total_tensor_size(self) -> int:
+        """Sum of tensor layer sizes, headers included, each distinct blob counted once."""
+        return sum({layer.digest: layer.size for layer in self.tensor_layers}.values())
+
+    async def read_config_bytes(self, name: str) -> bytes:
+        """The raw bytes of the JSON layer whose name is exactly `name`.
+
+        Raises:
+            ConfigNotFoundError: no such layer; BlobMissingError: its blob is absent.
+        """
+        for layer in self.manifest.json_layers:
+            if layer.name == name:
+                return await self._read_blob(layer, what=f"config {name!r}")
+        raise ConfigNotFoundError(f"config {name!r} not found in manifest", model=self.label)
+
+    async def read_config(self, name: str) -> Any:
+        """The decoded JSON of the config layer `name` (e.g. ``"model_index.json"``).
+
+        Raises:
+            ConfigNotFoundError: no such layer. ManifestError: the layer is not valid JSON.
+        """
+        data = await self.read_config_bytes(name)
+        try:
+            return _JSON_DECODER.decode(data)
+        except msgspec.DecodeError as exc:
+            raise ManifestError(
+                f"config {name!r} is not valid JSON: {exc}", model=self.label
+            ) from exc
+
+    async def config(self) -> ModelConfig:
+        """The model's config blob (Ollama's ConfigV2), decoded once."""
+        if self._config is None:
+            data = await self._read_blob(self.manifest.config, what="config blob")
+            self._config = decode_config(data, model=self.label, digest=self.manifest.config.digest)
+        return self._config
+
+    async def _read_blob(self, layer: Layer, *, what: str) -> bytes:
+        path = self.store.blob_path(layer.digest)
+        try:
+            data = await anyio.Path(path).read_bytes()
+        except FileNotFoundError as exc:
+            raise BlobMissingError(
+                f"{what} blob is missing", model=self.label, digest=layer.digest, path=path
+            ) from exc
+        except OSError as exc:
+            raise LoadError(
+                f"cannot read {what}: {exc.strerror}",
+                model=self.label,
+                digest=layer.digest,
+                path=path,
+                errno=exc.errno,
+            ) from exc
+        if len(data) != layer.size:
+            raise SizeMismatchError(
+                f"{what} is {len(data)} bytes but the manifest says {layer.size}",
+                model=self.label,
+                digest=layer.digest,
+                path=path,
+            )
+        return data

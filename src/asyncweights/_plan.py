@@ -1,0 +1,338 @@
+"""Which blobs and tensors a load needs, what they are called, and how they are grouped.
+
+Planning reads and validates every header (in parallel worker calls) before any tensor data
+is touched, names each tensor the way Ollama's loaders do (FORMAT.md §3.6, §5.2), resolves
+quantization per tensor (§5.5), and cuts the blobs into groups bounded by bytes and files.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from ._errors import (
+    AsyncWeightsError,
+    BudgetError,
+    ComponentNotFoundError,
+    DuplicateTensorError,
+    HeaderError,
+    LoadError,
+    QuantizationError,
+    first_error,
+)
+from ._header import BlobHeader, TensorEntry, read_header
+from ._limits import Limits
+from ._manifest import Layer
+from ._model import Model
+from ._quant import Packed, Quantization, canonical_type, label_bits, resolve
+
+__all__ = ["BlobPlan", "Plan", "PlannedTensor", "make_plan"]
+
+_COMPANIONS = ("_scale", "_qbias")
+
+
+@dataclass(slots=True)
+class PlannedTensor:
+    """One logical tensor: its final name and where its bytes are."""
+
+    name: str
+    key: str
+    entry: TensorEntry
+    digest: str
+    companion: bool = False
+    quantization: Quantization | None = None
+
+
+@dataclass(slots=True)
+class BlobPlan:
+    """One distinct blob to open, with the tensors taken from it."""
+
+    digest: str
+    path: Path
+    header: BlobHeader
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum({t.key: t.entry.nbytes for t in self.tensors}.values())
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything a load does, decided before it starts."""
+
+    model: str
+    component: str | None
+    blobs: list[BlobPlan]
+    quantization: Quantization | None
+    groups: list[list[BlobPlan]]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.nbytes for b in self.blobs)
+
+    @property
+    def total_tensors(self) -> int:
+        return sum(len(b.tensors) for b in self.blobs)
+
+
+async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan:
+    """Plan the load of `component` (None or "" for every tensor) of `model`.
+
+    Raises:
+        ComponentNotFoundError, BlobError and its subclasses, DuplicateTensorError,
+        QuantizationError, BudgetError.
+    """
+    component = component or None
+    layers = model.tensor_layers
+    if component is not None:
+        prefix = component + "/"
+        layers = [layer for layer in layers if layer.name and layer.name.startswith(prefix)]
+        if not layers:
+            raise ComponentNotFoundError(component, model.components, model=model.label)
+    elif not layers:
+        raise ComponentNotFoundError("", [], model=model.label)
+    headers = await _read_headers(model, layers, limits)
+    blobs = _name_tensors(model.label, component, layers, headers, model)
+    hint_label, hint_group = await _model_hints(model)
+    quantization = _resolve_quantization(model.label, blobs, hint_label, hint_group)
+    plan = Plan(model.label, component, blobs, quantization, [])
+    if limits.max_bytes is not None and plan.total_bytes > limits.max_bytes:
+        raise BudgetError(
+            f"load needs {plan.total_bytes} bytes, over the budget of {limits.max_bytes}",
+            model=model.label,
+        )
+    plan.groups = _group(blobs, limits)
+    return plan
+
+
+async def _read_headers(
+    model: Model, layers: list[Layer], limits: Limits
+) -> dict[str, BlobHeader]:
+    sizes = {layer.digest: layer.size for layer in layers}
+    digests = list(sizes)
+    headers: dict[str, BlobHeader] = {}
+    batches = [
+        digests[i : i + limits.header_batch] for i in range(0, len(digests), limits.header_batch)
+    ]
+    limiter = anyio.CapacityLimiter(limits.workers)
+
+    def read_batch(batch: list[str]) -> None:
+        for digest in batch:
+            path = model.store.blob_path(digest)
+            try:
+                headers[digest] = read_header(path, expected_size=sizes[digest])
+            except AsyncWeightsError as exc:
+                tensor = next((x.name for x in layers if x.digest == digest), None)
+                exc.add_context(model=model.label, digest=digest, path=path, tensor=tensor)
+                raise
+            except OSError as exc:
+                raise LoadError(
+                    f"cannot read blob header: {exc.strerror}",
+                    model=model.label,
+                    digest=digest,
+                    path=path,
+                    errno=exc.errno,
+                ) from exc
+
+    async def run(batch: list[str]) -> None:
+        await anyio.to_thread.run_sync(read_batch, batch, limiter=limiter)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for batch in batches:
+                tg.start_soon(run, batch)
+    except* AsyncWeightsError as group:
+        raise first_error(group) from None
+    return headers
+
+
+def _name_tensors(
+    label: str,
+    component: str | None,
+    layers: list[Layer],
+    headers: dict[str, BlobHeader],
+    model: Model,
+) -> list[BlobPlan]:
+    blobs: dict[str, BlobPlan] = {}
+    owner: dict[str, tuple[str, str]] = {}  # logical name -> (digest, key)
+    seen: set[tuple[str, str | None]] = set()
+    for layer in layers:
+        layer_comp = layer.name.split("/", 1)[0] if layer.name and "/" in layer.name else None
+        header = headers[layer.digest]
+        keys = list(header.entries)
+        if keys == ["data"]:
+            if not layer.name:
+                raise HeaderError(
+                    "a 'data' blob needs a layer name", model=label, digest=layer.digest
+                )
+            names = [(layer.name, "data")]
+        else:
+            if (layer.digest, layer_comp) in seen:
+                continue
+            names = [(_namespaced(n, layer_comp), key) for n, key in _remap(keys).items()]
+        seen.add((layer.digest, layer_comp))
+        blob = blobs.get(layer.digest)
+        if blob is None:
+            path = model.store.blob_path(layer.digest)
+            blob = blobs[layer.digest] = BlobPlan(layer.digest, path, header)
+        for logical, key in names:
+            previous = owner.get(logical)
+            if previous is not None:
+                if previous == (layer.digest, key):
+                    continue
+                raise DuplicateTensorError(
+                    f"tensor defined twice, also by blob {previous[0]}",
+                    model=label,
+                    tensor=logical,
+                    digest=layer.digest,
+                    path=blob.path,
+                )
+            owner[logical] = (layer.digest, key)
+            name = logical[len(component) + 1 :] if component else logical
+            blob.tensors.append(PlannedTensor(name, key, header.entries[key], layer.digest))
+    return list(blobs.values())
+
+
+def _remap(keys: list[str]) -> dict[str, str]:
+    """Map blob keys to in-memory names: ``X.scale`` → ``X_scale``, ``X.bias`` → ``X_qbias``.
+
+    A ``.bias`` is a quantization bias only when the same blob has the matching ``.scale``
+    (FORMAT.md §5.2, the HEAD rule), so real layer biases keep their names.
+    """
+    present = set(keys)
+    out: dict[str, str] = {}
+    for key in keys:
+        if key.endswith(".scale"):
+            out[key[: -len(".scale")] + "_scale"] = key
+        elif key.endswith(".bias") and key[: -len(".bias")] + ".scale" in present:
+            out[key[: -len(".bias")] + "_qbias"] = key
+        else:
+            out[key] = key
+    return out
+
+
+def _namespaced(name: str, comp: str | None) -> str:
+    if comp is None or name.startswith(comp + "/"):
+        return name
+    return f"{comp}/{name}"
+
+
+async def _model_hints(model: Model) -> tuple[str | None, int | None]:
+    """The model-level label and explicit group size (FORMAT.md §5.5 step 2, §5.7)."""
+    label: str | None = None
+    group: int | None = None
+    if "model_index.json" in model.config_names:
+        index = await model.read_config("model_index.json")
+        if isinstance(index, dict):
+            value = index.get("quantization")
+            if isinstance(value, str) and canonical_type(value):
+                label = value
+            size = index.get("group_size")
+            if type(size) is int and size > 0:
+                group = size
+    config = await model.config()
+    if canonical_type(config.file_type):
+        label = config.file_type  # HEAD's canonical classification wins
+    return label, group
+
+
+def _resolve_quantization(
+    label: str, blobs: list[BlobPlan], hint_label: str | None, hint_group: int | None
+) -> Quantization | None:
+    by_name = {t.name: (t, blob) for blob in blobs for t in blob.tensors}
+    hint_bits = label_bits(hint_label)
+    found: list[Quantization] = []
+    for name, (tensor, blob) in by_name.items():
+        for suffix in _COMPANIONS:
+            if name.endswith(suffix) and name[: -len(suffix)] in by_name:
+                tensor.companion = True
+        scale = by_name.get(name + "_scale")
+        bias = by_name.get(name + "_qbias")
+        meta = blob.header.metadata
+        tagged = meta.get(tensor.key + ".quant_type") or meta.get("quant_type")
+        if scale is None:
+            if bias is not None or (tagged and tensor.entry.dtype == "U32" and _main(blob) == 1):
+                raise QuantizationError(
+                    "quantized weight without its scales", model=label, tensor=name,
+                    digest=blob.digest, path=blob.path,
+                )  # fmt: skip
+            continue
+        if tensor.entry.dtype != "U32":
+            continue  # a real tensor that happens to have a `_scale` sibling
+        group_text = meta.get(tensor.key + ".group_size")
+        if group_text is None and meta.get(tensor.key + ".quant_type") is None:
+            group_text = meta.get("group_size")
+        packed = Packed(
+            tensor.entry.dtype,
+            tensor.entry.shape,
+            scale[0].entry.dtype,
+            scale[0].entry.shape,
+            None if bias is None else bias[0].entry.shape,
+        )
+        try:
+            q = resolve(
+                packed,
+                label=tagged,
+                label_group=group_text,
+                hint_bits=hint_bits,
+                hint_group=hint_group,
+            )
+        except ValueError as exc:
+            raise QuantizationError(
+                str(exc), model=label, tensor=name, digest=blob.digest, path=blob.path
+            ) from None
+        tensor.quantization = q
+        found.append(q)
+    return _model_level(hint_label, hint_group, found)
+
+
+def _main(blob: BlobPlan) -> int:
+    return sum(1 for t in blob.tensors if not t.name.endswith(_COMPANIONS))
+
+
+def _model_level(
+    hint_label: str | None, hint_group: int | None, found: list[Quantization]
+) -> Quantization | None:
+    qtype = canonical_type(hint_label)
+    if qtype is None and found:
+        qtype = min(found, key=lambda q: (q.bits, q.type)).type  # what `ollama show` reports
+    if qtype is None:
+        return None
+    groups = {q.group_size for q in found if q.type == qtype}
+    group = hint_group or (groups.pop() if len(groups) == 1 else None)
+    return Quantization.of(qtype, group)
+
+
+def _group(blobs: list[BlobPlan], limits: Limits) -> list[list[BlobPlan]]:
+    files = _files_per_group(limits)
+    groups: list[list[BlobPlan]] = []
+    current: list[BlobPlan] = []
+    size = 0
+    for blob in blobs:
+        if current and (size + blob.nbytes > limits.group_bytes or len(current) >= files):
+            groups.append(current)
+            current, size = [], 0
+        current.append(blob)
+        size += blob.nbytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _files_per_group(limits: Limits) -> int:
+    """Blob files one group may hold open: the cap shared by the workers, within RLIMIT_NOFILE."""
+    cap = limits.max_open_files
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            in_use = 16
+        cap = min(cap, max(limits.workers, (soft - in_use) // 2))
+    return max(1, cap // limits.workers)
