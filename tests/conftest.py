@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -32,10 +33,8 @@ def open_fds() -> dict[str, str]:
     """The file descriptors this process holds, with what each points to."""
     out = {}
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(FileNotFoundError):  # the descriptor listdir itself used
             out[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:
-            pass  # the descriptor listdir itself used
     return out
 
 

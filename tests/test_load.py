@@ -131,8 +131,9 @@ async def test_unlabelled_packed_group_is_inferred_from_shapes(
     builder: StoreBuilder, store_root: Path
 ) -> None:
     # E1 packed expert groups carry no label at all (FORMAT.md §3.5): shapes decide.
-    names = [f"model.layers.1.mlp.experts.{e}.{p}.weight" for e in range(2) for p in ("up", "down")]
-    source = random_weights({n: (16, 128) for n in names} | {"model.layers.1.mlp.gate.weight": (2, 8)})
+    names = [f"model.layers.1.mlp.experts.{e}.{p}.weight" for e in (0, 1) for p in ("up", "down")]
+    shapes = {n: (16, 128) for n in names} | {"model.layers.1.mlp.gate.weight": (2, 8)}
+    source = random_weights(shapes)
     quantize = {n: ("int8" if ".down." in n else "int4") for n in names}
     built = builder.add_model(
         "moe:latest", source, era="E1", quantize=quantize,
@@ -332,7 +333,8 @@ def test_many_blobs_load_under_a_64_file_limit(tmp_path: Path) -> None:
         root = sys.argv[1]
         tensors = {f"t.{i}.weight": mx.full((4,), i, dtype=mx.float32) for i in range(2000)}
         StoreBuilder(root).add_model("many:latest", tensors, era="E3")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
         w = anyio.run(lambda: aw.load_weights("many", store=root))
         assert len(w) == 2000 and all(w[f"t.{i}.weight"][0].item() == i for i in range(2000))
         print("loaded", len(w))

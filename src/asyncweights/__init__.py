@@ -1,7 +1,7 @@
 """asyncweights: load model weights from Ollama-style stores into MLX arrays, from async code.
 
-    import asyncweights as aw
-    weights = await aw.load_weights("z-image", "transformer")
+import asyncweights as aw
+weights = await aw.load_weights("z-image", "transformer")
 """
 
 from __future__ import annotations
@@ -75,8 +75,5 @@ __all__ = [
 for _name in __all__:
     _obj = globals()[_name]
     if getattr(_obj, "__module__", "").startswith("asyncweights."):
-        try:
-            _obj.__module__ = "asyncweights"
-        except (AttributeError, TypeError):
-            pass
+        _obj.__module__ = "asyncweights"
 del _name, _obj

@@ -268,9 +268,7 @@ async def _produce(
             tg.start_soon(worker)
 
 
-def _load_group(
-    group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, model: str
-) -> _Loaded:
+def _load_group(group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, model: str) -> _Loaded:
     """Load and evaluate one group of blobs (runs in a worker thread; blocking)."""
     loaded: _Loaded = []
     for blob in group:
@@ -290,12 +288,12 @@ def _load_group(
     try:
         mx.eval([array for _, array in loaded])
     except RuntimeError as exc:
-        blob = group[0] if len(group) == 1 else None
+        only = group[0] if len(group) == 1 else None
         raise LoadError(
             f"reading tensors failed: {exc}",
             model=model,
-            digest=None if blob is None else blob.digest,
-            path=None if blob is None else blob.path,
+            digest=None if only is None else only.digest,
+            path=None if only is None else only.path,
         ) from exc
     if verify:
         for blob in group:
@@ -306,7 +304,7 @@ def _load_group(
 def _open_blob(blob: BlobPlan, model: str) -> dict[str, mx.array]:
     path = os.fspath(blob.path)
     try:
-        arrays, _ = mx.load(path, format="safetensors", return_metadata=True)
+        loaded = mx.load(path, format="safetensors")
     except RuntimeError as exc:
         # MLX's message has no errno: open the file ourselves to learn the real cause.
         errno = None
@@ -319,6 +317,8 @@ def _open_blob(blob: BlobPlan, model: str) -> dict[str, mx.array]:
             f"cannot open blob: {exc}", model=model, digest=blob.digest, path=blob.path,
             errno=errno,
         ) from exc  # fmt: skip
+    assert isinstance(loaded, dict)
+    arrays: dict[str, mx.array] = loaded
     for tensor in blob.tensors:
         array = arrays.get(tensor.key)
         if array is None or tuple(array.shape) != tensor.entry.shape:

@@ -118,7 +118,9 @@ def decode_manifest(data: bytes, *, model: str | None = None, path: Path | None 
     return manifest
 
 
-def decode_config(data: bytes, *, model: str | None = None, digest: str | None = None) -> ModelConfig:
+def decode_config(
+    data: bytes, *, model: str | None = None, digest: str | None = None
+) -> ModelConfig:
     """Decode the config blob (ConfigV2); unknown fields are ignored.
 
     Raises:
@@ -127,7 +129,9 @@ def decode_config(data: bytes, *, model: str | None = None, digest: str | None =
     try:
         return _CONFIG_DECODER.decode(data)
     except msgspec.DecodeError as exc:
-        raise ManifestError(f"invalid model config blob: {exc}", model=model, digest=digest) from exc
+        raise ManifestError(
+            f"invalid model config blob: {exc}", model=model, digest=digest
+        ) from exc
 
 
 def encode_manifest(manifest: Manifest) -> bytes:

@@ -111,9 +111,7 @@ async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan
     return plan
 
 
-async def _read_headers(
-    model: Model, layers: list[Layer], limits: Limits
-) -> dict[str, BlobHeader]:
+async def _read_headers(model: Model, layers: list[Layer], limits: Limits) -> dict[str, BlobHeader]:
     sizes = {layer.digest: layer.size for layer in layers}
     digests = list(sizes)
     headers: dict[str, BlobHeader] = {}

@@ -55,9 +55,7 @@ class Progress:
         )
         event: dict[str, Any] = {"status": status}
         if self.phase != "planning":
-            event.update(
-                digest=self.model, total=self.total_bytes, completed=self.completed_bytes
-            )
+            event.update(digest=self.model, total=self.total_bytes, completed=self.completed_bytes)
         return event
 
     def eta(self) -> float:

@@ -138,8 +138,10 @@ def _parse_group(text: str | None) -> int | None:
 
 def _fits(q: Quantization, wc: int, sc: int, has_bias: bool) -> bool:
     logical = wc * (32 // q.bits)
-    return logical % q.group_size == 0 and sc * q.group_size == logical and (
-        has_bias == (q.mode == "affine")
+    return (
+        logical % q.group_size == 0
+        and sc * q.group_size == logical
+        and (has_bias == (q.mode == "affine"))
     )
 
 

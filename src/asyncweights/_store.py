@@ -190,7 +190,9 @@ class ModelStore:
             )
         if len(found) > 1:
             listed = ", ".join(str(p.relative_to(self.manifests_dir)) for p in found)
-            raise ModelNotFoundError(f"model name is ambiguous ignoring case: {listed}", model=label)
+            raise ModelNotFoundError(
+                f"model name is ambiguous ignoring case: {listed}", model=label
+            )
         return found[0]
 
     def list_names(self) -> list[ModelName]:
