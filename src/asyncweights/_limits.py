@@ -23,6 +23,9 @@ class Limits:
         buffered_groups: evaluated groups waiting for a slow consumer of `stream_weights`;
             memory in flight is at most ``(workers + buffered_groups) * group_bytes``.
         header_batch: blob headers read per worker call while planning.
+        direct_read_bytes: blobs up to this size are read whole with one ``pread`` and
+            copied into MLX arrays (fast for small tensors); larger ones go through
+            ``mx.load``, which reads straight into fresh MLX buffers.
         max_bytes: refuse a load whose tensors exceed this many bytes, before reading any.
         progress_interval: seconds between progress events (first and last always sent).
     """
@@ -32,6 +35,7 @@ class Limits:
     workers: int = 2
     buffered_groups: int = 1
     header_batch: int = 64
+    direct_read_bytes: int = 64 * 1024
     max_bytes: int | None = None
     progress_interval: float = 0.1
 

@@ -11,7 +11,6 @@ open files as well as bytes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -22,12 +21,13 @@ import anyio.to_thread
 import mlx.core as mx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import AsyncWeightsError, BlobError, DigestMismatchError, LoadError, first_error
+from ._errors import AsyncWeightsError, LoadError, first_error
 from ._limits import Limits
 from ._manifest import Manifest
 from ._model import Model
 from ._plan import BlobPlan, Plan, PlannedTensor, make_plan
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
+from ._read import read_direct, read_lazy, verify_file
 from ._store import ModelName, ModelStore
 from ._weights import Tensor, TensorInfo, Weights
 
@@ -259,7 +259,7 @@ async def _produce(
     async def worker() -> None:
         for index in indices:  # shared: each worker takes the next group not yet taken
             loaded = await anyio.to_thread.run_sync(
-                _load_group, plan.groups[index], dtype, verify, plan.model
+                _load_group, plan.groups[index], dtype, verify, plan.model, limits.direct_read_bytes
             )
             await send.send(loaded)
 
@@ -268,11 +268,18 @@ async def _produce(
             tg.start_soon(worker)
 
 
-def _load_group(group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, model: str) -> _Loaded:
+def _load_group(
+    group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, model: str, direct_max: int
+) -> _Loaded:
     """Load and evaluate one group of blobs (runs in a worker thread; blocking)."""
     loaded: _Loaded = []
+    lazy: list[BlobPlan] = []
     for blob in group:
-        arrays = _open_blob(blob, model)
+        if blob.header.file_size <= direct_max:
+            arrays = read_direct(blob, model, verify=verify)
+        else:
+            arrays = read_lazy(blob, model)
+            lazy.append(blob)
         for tensor in blob.tensors:
             array = arrays[tensor.key]
             if (
@@ -288,7 +295,7 @@ def _load_group(group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, mod
     try:
         mx.eval([array for _, array in loaded])
     except RuntimeError as exc:
-        only = group[0] if len(group) == 1 else None
+        only = lazy[0] if len(lazy) == 1 else None
         raise LoadError(
             f"reading tensors failed: {exc}",
             model=model,
@@ -296,52 +303,6 @@ def _load_group(group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, mod
             path=None if only is None else only.path,
         ) from exc
     if verify:
-        for blob in group:
-            _verify(blob, model)
+        for blob in lazy:
+            verify_file(blob, model)
     return loaded
-
-
-def _open_blob(blob: BlobPlan, model: str) -> dict[str, mx.array]:
-    path = os.fspath(blob.path)
-    try:
-        loaded = mx.load(path, format="safetensors")
-    except RuntimeError as exc:
-        # MLX's message has no errno: open the file ourselves to learn the real cause.
-        errno = None
-        try:
-            os.close(os.open(path, os.O_RDONLY))
-        except OSError as os_exc:
-            errno = os_exc.errno
-        cls = BlobError if errno is None else LoadError
-        raise cls(
-            f"cannot open blob: {exc}", model=model, digest=blob.digest, path=blob.path,
-            errno=errno,
-        ) from exc  # fmt: skip
-    assert isinstance(loaded, dict)
-    arrays: dict[str, mx.array] = loaded
-    for tensor in blob.tensors:
-        array = arrays.get(tensor.key)
-        if array is None or tuple(array.shape) != tensor.entry.shape:
-            # The file changed after its header was validated.
-            raise BlobError(
-                "blob changed while loading", model=model, tensor=tensor.name,
-                digest=blob.digest, path=blob.path,
-            )  # fmt: skip
-    return arrays
-
-
-_HASH_CHUNK = 8 << 20
-
-
-def _verify(blob: BlobPlan, model: str) -> None:
-    digest = hashlib.sha256()
-    with open(blob.path, "rb", buffering=0) as f:
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            digest.update(view[:n])  # hashlib releases the GIL for large buffers
-    actual = "sha256:" + digest.hexdigest()
-    if actual != blob.digest:
-        raise DigestMismatchError(
-            f"blob bytes hash to {actual}", model=model, digest=blob.digest, path=blob.path
-        )

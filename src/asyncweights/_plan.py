@@ -312,12 +312,15 @@ def _group(blobs: list[BlobPlan], limits: Limits) -> list[list[BlobPlan]]:
     groups: list[list[BlobPlan]] = []
     current: list[BlobPlan] = []
     size = 0
+    held = 0  # blobs of the group that MLX keeps open until evaluated
     for blob in blobs:
-        if current and (size + blob.nbytes > limits.group_bytes or len(current) >= files):
+        lazy = blob.header.file_size > limits.direct_read_bytes
+        if current and (size + blob.nbytes > limits.group_bytes or (lazy and held >= files)):
             groups.append(current)
-            current, size = [], 0
+            current, size, held = [], 0, 0
         current.append(blob)
         size += blob.nbytes
+        held += lazy
     if current:
         groups.append(current)
     return groups
