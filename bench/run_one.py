@@ -1,0 +1,36 @@
+"""Run one strategy once in this (fresh) process and print its figures as one JSON line.
+
+    python bench/run_one.py STRATEGY MODEL_INFO_JSON
+
+``MODEL_INFO_JSON`` is the ``<kind>-<tag>.json`` file `generate.py` wrote beside the store.
+The line always has ``strategy`` and ``ok``; a failed run has ``error`` instead of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from generate import ModelPaths
+from strategies import STRATEGIES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("strategy", choices=sorted(STRATEGIES))
+    parser.add_argument("model_info", type=Path)
+    args = parser.parse_args()
+    info = json.loads(args.model_info.read_text())
+    paths = ModelPaths(**info["paths"])
+    try:
+        figures = STRATEGIES[args.strategy].run(paths)
+        line = {"strategy": args.strategy, "ok": True, **figures}
+    except Exception as exc:  # a failed run is a result too: report it, do not crash
+        line = {"strategy": args.strategy, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
