@@ -22,6 +22,7 @@ from ._errors import ModelNotFoundError as ModelNotFoundError
 from ._errors import QuantizationError as QuantizationError
 from ._errors import SizeMismatchError as SizeMismatchError
 from ._errors import UnsupportedDTypeError as UnsupportedDTypeError
+from ._import import import_model as import_model
 from ._limits import Limits as Limits
 from ._load import load_weights as load_weights
 from ._load import stream_weights as stream_weights
@@ -68,6 +69,7 @@ __all__ = [
     "TensorInfo",
     "UnsupportedDTypeError",
     "Weights",
+    "import_model",
     "load_weights",
     "stream_weights",
 ]

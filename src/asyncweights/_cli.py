@@ -1,0 +1,618 @@
+"""The command line: demo, ls, show, load, verify and import, with progress bars.
+
+Each command is a coroutine run with ``anyio.run``; it returns its result as a dict (printed
+as JSON with ``--json``) and as text lines, both printed only once it has finished, so an
+interrupted command prints nothing but its progress bar, which is cleared. Progress goes to
+stderr through tqdm, shown when stdout and stderr are terminals or with ``--progress``.
+
+Exit codes: 0 success, 1 an asyncweights error (one ``error: ...`` line) or a failed check,
+2 bad usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import resource
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from ._errors import AsyncWeightsError, first_error
+from ._limits import Limits
+from ._load import load_weights
+from ._model import Model
+from ._plan import Plan, make_plan
+from ._progress import Progress
+from ._store import ModelStore
+
+__all__ = ["main", "run"]
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+_UNITS = {
+    "": 1, "b": 1, "k": KiB, "kib": KiB, "kb": 1000, "m": MiB, "mib": MiB, "mb": 1000**2,
+    "g": GiB, "gib": GiB, "gb": 1000**3, "t": 1 << 40, "tib": 1 << 40, "tb": 1000**4,
+}  # fmt: skip
+_DTYPES = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16", "f16": "float16", "fp16": "float16",
+    "float16": "float16", "f32": "float32", "fp32": "float32", "float32": "float32",
+}  # fmt: skip
+_json = msgspec.json.Encoder()
+
+Command = Callable[[argparse.Namespace, "Output"], Awaitable["Result"]]
+
+
+@dataclass
+class Result:
+    """What a command prints when it has finished, and its exit status."""
+
+    data: dict[str, Any]
+    lines: list[str] = field(default_factory=list)
+    status: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def parse_size(text: str) -> int:
+    """Parse ``512MiB``, ``1GiB``, ``64M`` or a byte count; binary units unless ``MB``/``GB``."""
+    value = text.strip().lower().replace(" ", "")
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = value[len(number) :]
+    try:
+        size = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (try 512MiB or 1GiB)") from None
+    if not 0 < size < 1 << 50:
+        raise argparse.ArgumentTypeError(f"size {text!r} out of range")
+    return int(size)
+
+
+def format_bytes(n: float) -> str:
+    """``536870912`` → ``512.0 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+class Output:
+    """Where a command's progress and results go: a tqdm bar on a terminal, else nothing."""
+
+    def __init__(self, *, json: bool, progress: bool | None) -> None:
+        self.json = json
+        if progress is None:
+            progress = not json and sys.stdout.isatty() and sys.stderr.isatty()
+        self.progress = progress
+        self._bar: Any = None
+
+    def start(self, description: str, total: float, *, unit: str = "B") -> None:
+        """Show a bar (replacing any bar still shown)."""
+        self.clear()
+        if not self.progress:
+            return
+        from tqdm import tqdm  # type: ignore[import-untyped]
+
+        scaled = unit == "B"
+        self._bar = tqdm(
+            total=total, desc=description, unit=unit, unit_scale=scaled,
+            unit_divisor=1024 if scaled else 1000, file=sys.stderr, leave=False,
+            dynamic_ncols=True, mininterval=0.1, smoothing=0.3,
+        )  # fmt: skip
+
+    def update(self, completed: float, total: float | None = None) -> None:
+        bar = self._bar
+        if bar is None:
+            return
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.n = completed
+        bar.refresh()
+
+    async def on_progress(self, event: Progress) -> None:
+        """A load progress callback: it runs on the event loop, so updates are cheap."""
+        self.update(event.completed_bytes, event.total_bytes)
+
+    def clear(self) -> None:
+        """Remove the bar from the terminal."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def emit(self, result: Result) -> int:
+        """Print the finished result (JSON or text) and return the exit status."""
+        self.clear()
+        if self.json:
+            sys.stdout.write(msgspec.json.format(_json.encode(result.data), indent=2).decode())
+            sys.stdout.write("\n")
+        else:
+            for line in result.lines:
+                print(line)
+        sys.stdout.flush()
+        for error in result.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return result.status
+
+
+# ---------------------------------------------------------------------------------- ls, show
+
+
+async def _describe(model: Model) -> tuple[Plan, dict[str, Any]]:
+    """Facts about a model: sizes, tensors, components, quantization per component."""
+    plan = await make_plan(model, None, Limits())
+    components = model.components
+    per_comp: dict[str, dict[str, Any]] = {}
+    dtypes: Counter[str] = Counter()
+    dtype_bytes: Counter[str] = Counter()
+    params = 0
+    for blob in plan.blobs:
+        for t in blob.tensors:
+            comp = t.name.split("/", 1)[0] if components and "/" in t.name else ""
+            entry = per_comp.setdefault(
+                comp, {"tensors": 0, "bytes": 0, "parameters": 0, "quantization": {}}
+            )
+            entry["tensors"] += 1
+            entry["bytes"] += t.entry.nbytes
+            dtypes[t.entry.dtype] += 1
+            dtype_bytes[t.entry.dtype] += t.entry.nbytes
+            q = t.quantization
+            if t.companion:
+                continue
+            count = math.prod(t.entry.shape)
+            if q is not None:
+                count = count * 32 // q.bits
+                label = f"{q.type} ({q.mode}, {q.bits}-bit, group {q.group_size})"
+                entry["quantization"][label] = entry["quantization"].get(label, 0) + 1
+            entry["parameters"] += count
+            params += count
+    q = plan.quantization
+    facts: dict[str, Any] = {
+        "name": model.label,
+        "id": "",
+        "size": model.total_tensor_size,
+        "tensor_bytes": plan.total_bytes,
+        "tensors": plan.total_tensors,
+        "blobs": len(plan.blobs),
+        "components": components,
+        "quantization": None if q is None else q.type,
+        "parameters": params,
+        "per_component": per_comp,
+        "dtypes": {d: {"tensors": dtypes[d], "bytes": dtype_bytes[d]} for d in sorted(dtypes)},
+    }
+    if model.path is not None:
+        data = await anyio.Path(model.path).read_bytes()
+        facts["id"] = hashlib.sha256(data).hexdigest()[:12]
+    return plan, facts
+
+
+async def cmd_ls(args: argparse.Namespace, out: Output) -> Result:
+    store = ModelStore(args.store)
+    rows: list[dict[str, Any]] = []
+    errors = []
+    async for name in store.models():
+        try:
+            model = await store.open(name)
+            _, facts = await _describe(model)
+        except AsyncWeightsError as exc:
+            errors.append(str(exc))
+            rows.append({"name": str(name), "error": exc.reason})
+            continue
+        facts["name"] = str(name)
+        rows.append(facts)
+    table = [["NAME", "ID", "SIZE", "TENSORS", "COMPONENTS", "QUANTIZATION"]]
+    for r in rows:
+        if "error" in r:
+            table.append([r["name"], "-", "-", "-", "-", f"broken: {r['error']}"])
+            continue
+        table.append([
+            r["name"], r["id"], format_bytes(r["size"]), str(r["tensors"]),
+            ",".join(r["components"]) or "-", r["quantization"] or "-",
+        ])  # fmt: skip
+    keep = ("name", "id", "size", "tensors", "components", "quantization", "error")
+    data = {"store": str(store.root), "models": [{k: r[k] for k in keep if k in r} for r in rows]}
+    return Result(data, _table(table), status=1 if errors else 0, errors=errors)
+
+
+async def cmd_show(args: argparse.Namespace, out: Output) -> Result:
+    store = ModelStore(args.store)
+    model = await store.open(args.model)
+    config = await model.config()
+    _, facts = await _describe(model)
+    index: dict[str, Any] = {}
+    if "model_index.json" in model.config_names:
+        value = await model.read_config("model_index.json")
+        if isinstance(value, dict):
+            index = {
+                k: value[k]
+                for k in ("architecture", "parameter_count", "quantization", "group_size")
+                if k in value
+            }
+    facts.update(
+        manifest=str(model.path) if model.path else None,
+        layers=len(model.manifest.layers),
+        model_format=config.model_format,
+        file_type=config.file_type,
+        capabilities=config.capabilities or [],
+        requires=config.requires,
+        configs=model.config_names,
+        model_index=index,
+    )
+    lines = [
+        f"model         {facts['name']}",
+        f"manifest      {facts['manifest']}",
+        f"format        {config.model_format or '-'}  file_type {config.file_type or '-'}"
+        f"  requires {config.requires or '-'}"
+        f"  capabilities {','.join(facts['capabilities']) or '-'}",
+        f"layers        {facts['layers']} ({facts['blobs']} tensor blobs, "
+        f"{format_bytes(facts['size'])})",
+        f"tensors       {facts['tensors']} ({format_bytes(facts['tensor_bytes'])})",
+        f"parameters    {facts['parameters']:,}",
+        f"quantization  {facts['quantization'] or 'none'}",
+    ]  # fmt: skip
+    if index:
+        lines.append("model_index   " + ", ".join(f"{k}={v}" for k, v in index.items()))
+    lines.append("")
+    table = [["COMPONENT", "TENSORS", "BYTES", "PARAMETERS", "QUANTIZATION"]]
+    for comp, c in facts["per_component"].items():
+        quant = "; ".join(f"{k} x{v}" for k, v in c["quantization"].items()) or "none"
+        table.append(
+            [
+                comp or "-",
+                str(c["tensors"]),
+                format_bytes(c["bytes"]),
+                f"{c['parameters']:,}",
+                quant,
+            ]
+        )
+    lines += _table(table)
+    lines.append("")
+    table = [["DTYPE", "TENSORS", "BYTES"]]
+    for dtype, d in facts["dtypes"].items():
+        table.append([dtype, str(d["tensors"]), format_bytes(d["bytes"])])
+    lines += _table(table)
+    if model.config_names:
+        lines += ["", "configs       " + ", ".join(model.config_names)]
+    return Result(facts, lines)
+
+
+# ------------------------------------------------------------------------------ load, verify
+
+
+def peak_memory() -> dict[str, int]:
+    """Peak memory of this process: MLX's allocator and the OS (ru_maxrss, KiB on Linux)."""
+    import mlx.core as mx
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return {"mlx_peak_bytes": int(mx.get_peak_memory()), "max_rss_bytes": int(rss)}
+
+
+async def load_summary(
+    out: Output,
+    model: str | Model,
+    component: str | None,
+    *,
+    store: str | None,
+    dtype: Any = None,
+    verify: bool = False,
+    description: str = "loading",
+) -> dict[str, Any]:
+    """Load with a progress bar and summarize: tensors, bytes, seconds, GB/s, quantization."""
+    out.start(description, 0)
+    started = time.perf_counter()
+    weights = await load_weights(
+        model, component, store=store, dtype=dtype, verify=verify, on_progress=out.on_progress
+    )
+    seconds = time.perf_counter() - started
+    out.clear()
+    per_comp: dict[str, dict[str, Any]] = {}
+    for name, info in weights.info.items():
+        comp = component or (name.split("/", 1)[0] if "/" in name else "")
+        c = per_comp.setdefault(comp, {"tensors": 0, "bytes": 0, "dtypes": {}, "quantization": {}})
+        c["tensors"] += 1
+        c["bytes"] += info.nbytes
+        dtype = str(info.dtype).removeprefix("mlx.core.")
+        c["dtypes"][dtype] = c["dtypes"].get(dtype, 0) + 1
+        q = info.quantization
+        if q is not None:
+            label = f"{q.type}/g{q.group_size}"
+            c["quantization"][label] = c["quantization"].get(label, 0) + 1
+    nbytes = weights.nbytes
+    summary = {
+        "model": weights.model,
+        "component": component,
+        "tensors": len(weights),
+        "bytes": nbytes,
+        "seconds": round(seconds, 4),
+        "gb_per_s": round(nbytes / seconds / 1e9, 3) if seconds > 0 else None,
+        "quantization": None if weights.quantization is None else weights.quantization.type,
+        "per_component": per_comp,
+        "verified": verify,
+    }
+    weights.release()
+    return summary
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    rate = f"{s['gb_per_s']:.2f} GB/s" if s["gb_per_s"] is not None else "-"
+    part = f" [{s['component']}]" if s["component"] else ""
+    lines = [
+        f"loaded {s['model']}{part}: {s['tensors']} tensors, {format_bytes(s['bytes'])} "
+        f"in {s['seconds']:.3f} s ({rate})" + (", blobs verified" if s["verified"] else "")
+    ]
+    for comp, c in s["per_component"].items():
+        dtypes = ", ".join(f"{k} x{v}" for k, v in c["dtypes"].items())
+        quant = ", ".join(f"{k} x{v}" for k, v in c["quantization"].items()) or "none"
+        lines.append(
+            f"  {comp or 'model':<13} {c['tensors']:>5} tensors {format_bytes(c['bytes']):>10}"
+            f"  {dtypes}; quantization: {quant}"
+        )
+    return lines
+
+
+def memory_line(mem: dict[str, int]) -> str:
+    return (
+        f"peak memory: MLX {format_bytes(mem['mlx_peak_bytes'])}, "
+        f"RSS {format_bytes(mem['max_rss_bytes'])}"
+    )
+
+
+async def cmd_load(args: argparse.Namespace, out: Output) -> Result:
+    import mlx.core as mx
+
+    dtype = getattr(mx, _DTYPES[args.dtype]) if args.dtype else None
+    summary = await load_summary(
+        out, args.model, args.component, store=args.store, dtype=dtype, verify=args.verify
+    )
+    summary.update(peak_memory())
+    return Result(summary, [*summary_lines(summary), memory_line(summary)])
+
+
+async def cmd_verify(args: argparse.Namespace, out: Output) -> Result:
+    store = ModelStore(args.store)
+    model = await store.open(args.model)
+    layers = [model.manifest.config, *model.manifest.layers]
+    blobs: dict[str, tuple[int, list[str]]] = {}
+    for layer in layers:
+        size, names = blobs.setdefault(layer.digest, (layer.size, []))
+        names.append("(config)" if layer is model.manifest.config else layer.name or "")
+    total = sum(size for size, _ in blobs.values())
+    done = [0]
+    lock = threading.Lock()
+
+    def hash_blob(digest: str, size: int) -> str | None:
+        path = store.blob_path(digest)
+        h = hashlib.sha256()
+        seen = 0
+        try:
+            with open(path, "rb", buffering=0) as f:
+                buf = bytearray(8 << 20)
+                view = memoryview(buf)
+                while n := f.readinto(buf):
+                    h.update(view[:n])  # hashlib releases the GIL: the two workers overlap
+                    seen += n
+                    with lock:
+                        done[0] += n
+        except FileNotFoundError:
+            return "missing"
+        except OSError as exc:
+            return f"unreadable: {exc.strerror}"
+        with lock:
+            done[0] += size - seen
+        if seen != size:
+            return f"size {seen} bytes, manifest says {size}"
+        actual = "sha256:" + h.hexdigest()
+        return None if actual == digest else f"content hashes to {actual}"
+
+    problems: dict[str, str] = {}
+    limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+    out.start(f"verifying {model.label}", total)
+
+    async def check(digest: str, size: int) -> None:
+        problem = await anyio.to_thread.run_sync(hash_blob, digest, size, limiter=limiter)
+        if problem is not None:
+            problems[digest] = problem
+
+    async def refresh() -> None:
+        while True:
+            out.update(done[0])
+            await anyio.sleep(0.1)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(refresh)
+        async with anyio.create_task_group() as workers:
+            for digest, (size, _) in blobs.items():
+                workers.start_soon(check, digest, size)
+        tg.cancel_scope.cancel()
+    seconds = time.perf_counter() - started
+    bad = [
+        {"digest": d, "path": str(store.blob_path(d)), "layers": blobs[d][1], "problem": p}
+        for d, p in problems.items()
+    ]
+    data = {
+        "model": model.label, "blobs": len(blobs), "bytes": total, "seconds": round(seconds, 4),
+        "ok": not bad, "bad": bad,
+    }  # fmt: skip
+    lines = [
+        f"verified {model.label}: {len(blobs)} blobs, {format_bytes(total)} in {seconds:.2f} s"
+        + (": all good" if not bad else f": {len(bad)} bad")
+    ]
+    for b in bad:
+        listed = ", ".join(n for n in b["layers"] if n) or "-"
+        lines.append(f"  BAD {b['digest']} ({listed}): {b['problem']}")
+    errors = [f"{len(bad)} of {len(blobs)} blobs failed verification"] if bad else []
+    return Result(data, lines, status=1 if bad else 0, errors=errors)
+
+
+# ------------------------------------------------------------------------------ import, demo
+
+
+async def cmd_import(args: argparse.Namespace, out: Output) -> Result:
+    from ._import import import_model
+
+    store = ModelStore(args.store)
+    before = set(_blob_names(store))
+    out.start(f"importing {args.name}", 0)
+    started = time.perf_counter()
+    model = await import_model(
+        args.directory, args.name, store=store, layout=args.layout, quantize=args.quantize,
+        on_progress=out.on_progress,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    out.clear()
+    after = set(_blob_names(store))
+    digests = {layer.digest for layer in [model.manifest.config, *model.manifest.layers]}
+    _, facts = await _describe(model)
+    data = {
+        "name": args.name,
+        "manifest": str(model.path),
+        "layout": args.layout,
+        "quantize": args.quantize,
+        "tensors": facts["tensors"],
+        "blobs": len(digests),
+        "new_blobs": len(after - before),
+        "bytes": facts["size"],
+        "seconds": round(seconds, 4),
+        "quantization": facts["quantization"],
+        "components": facts["components"],
+    }
+    lines = [
+        f"imported {args.name}: {data['tensors']} tensors in {data['blobs']} blobs "
+        f"({data['new_blobs']} new), {format_bytes(data['bytes'])} in {seconds:.2f} s",
+        f"  layout {args.layout}, quantization {data['quantization'] or 'none'}",
+    ]
+    return Result(data, lines)
+
+
+def _blob_names(store: ModelStore) -> list[str]:
+    try:
+        return [p.name for p in store.blobs_dir.iterdir() if p.name.startswith("sha256-")]
+    except FileNotFoundError:
+        return []
+
+
+async def cmd_demo(args: argparse.Namespace, out: Output) -> Result:
+    from ._demo import run_demo
+
+    return await run_demo(args, out)
+
+
+# ---------------------------------------------------------------------------------- plumbing
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store", metavar="DIR", help="models root (default: $OLLAMA_MODELS or ~/.ollama/models)"
+    )
+    common.add_argument("--json", action="store_true", help="print the result as JSON")
+    common.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar (default: when on a terminal)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="asyncweights",
+        description="Load, inspect, verify and import Ollama-style MLX weight stores.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", parents=[common], help="generate a demo model and load it")
+    p.add_argument("--size", type=parse_size, default=512 * MiB, help="model size (512MiB)")
+    p.add_argument("--keep", action="store_true", help="keep demo models of other sizes")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ls", parents=[common], help="list the models in the store")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("show", parents=[common], help="show a model's manifest facts")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("load", parents=[common], help="load a model and summarize")
+    p.add_argument("model")
+    p.add_argument("-c", "--component", help="text_encoder, transformer, vae …")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="convert floating-point tensors")
+    p.add_argument("--verify", action="store_true", help="check blob digests while loading")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("verify", parents=[common], help="check every blob's sha256")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("import", parents=[common], help="import a safetensors directory")
+    p.add_argument("directory", type=Path)
+    p.add_argument("name")
+    p.add_argument("--layout", choices=["named", "data"], default="named")
+    p.add_argument("--quantize", choices=["q4", "q8"])
+    p.set_defaults(func=cmd_import)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit status."""
+    args = build_parser().parse_args(argv)
+    out = Output(json=args.json, progress=args.progress)
+    command: Command = args.func
+    try:
+        try:
+            result = anyio.run(command, args, out)
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+    except KeyboardInterrupt:
+        out.clear()
+        return 130
+    except AsyncWeightsError as exc:
+        out.clear()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        out.clear()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    return out.emit(result)
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report for a task group that failed: interrupts first, then ours."""
+    kinds: tuple[type[BaseException], ...] = (KeyboardInterrupt, AsyncWeightsError, OSError)
+    for kind in kinds:
+        match = group.subgroup(kind)
+        if match is not None:
+            if kind is AsyncWeightsError:
+                return first_error(match)  # type: ignore[arg-type]
+            exc: BaseException = match
+            while isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0]
+            return exc
+    return group
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``asyncweights`` console script."""
+    try:
+        status = run(argv)
+    except BrokenPipeError:
+        # The reader went away (``asyncweights ls | head``): not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        status = 141
+    sys.exit(status)
