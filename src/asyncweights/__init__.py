@@ -6,6 +6,7 @@ weights = await aw.load_weights("z-image", "transformer")
 
 from __future__ import annotations
 
+from ._cache import WeightCache as WeightCache
 from ._errors import AsyncWeightsError as AsyncWeightsError
 from ._errors import BlobError as BlobError
 from ._errors import BlobMissingError as BlobMissingError
@@ -68,6 +69,7 @@ __all__ = [
     "Tensor",
     "TensorInfo",
     "UnsupportedDTypeError",
+    "WeightCache",
     "Weights",
     "import_model",
     "load_weights",

@@ -1,0 +1,433 @@
+"""WeightCache: single flight, waiters and cancellation, leases, LRU eviction, budget, progress."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import mlx.core as mx
+import pytest
+
+import asyncweights as aw
+import asyncweights._cache as cache_module
+import asyncweights._load as load_module
+from asyncweights.testing import BuiltModel, StoreBuilder, random_weights
+
+from .conftest import wait_quiet
+
+KiB = 1 << 10
+#: 8 tensors of 128 KiB in 128 KiB groups: 8 groups, each slowed down by GROUP_DELAY.
+LIMITS = aw.Limits(group_bytes=128 * KiB, workers=1, progress_interval=0)
+GROUP_DELAY = 0.03
+MODEL_BYTES = 8 * 128 * KiB
+
+
+class Calls:
+    """Counts the `load_weights` calls the cache makes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
+    counter = Calls()
+    real = load_module.load_weights
+
+    async def counted(*args: Any, **kwargs: Any) -> aw.Weights:
+        counter.count += 1
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "load_weights", counted)
+    return counter
+
+
+@pytest.fixture(autouse=True)
+def slow_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make each group take GROUP_DELAY seconds in its worker, so loads can be caught mid-way."""
+    real: Callable[..., Any] = load_module._load_group
+
+    def slow(*args: Any) -> Any:
+        time.sleep(GROUP_DELAY)
+        return real(*args)
+
+    monkeypatch.setattr(load_module, "_load_group", slow)
+
+
+def add_model(builder: StoreBuilder, name: str, seed: int = 0) -> BuiltModel:
+    shapes = {f"transformer/blocks.{i}.weight": (64, 1024) for i in range(8)}
+    shapes["vae/decoder.weight"] = (64, 1024)
+    return builder.add_model(name, random_weights(shapes, seed=seed))
+
+
+@pytest.fixture
+def toy(builder: StoreBuilder) -> BuiltModel:
+    return add_model(builder, "toy:latest")
+
+
+def cache(store_root: Path, max_bytes: int | None = None) -> aw.WeightCache:
+    return aw.WeightCache(max_bytes, store=store_root, limits=LIMITS)
+
+
+def assert_exact(weights: aw.Weights, built: BuiltModel, component: str | None) -> None:
+    expected = built.component(component)
+    assert sorted(weights) == sorted(expected)
+    for name, array in expected.items():
+        assert weights[name].dtype == array.dtype
+        assert mx.array_equal(weights[name], array).item(), name
+
+
+def loading(events: list[aw.Progress]) -> Iterator[aw.Progress]:
+    return (e for e in events if e.phase == "loading")
+
+
+async def test_concurrent_leases_share_one_load(
+    store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    got: list[aw.Weights] = []
+    async with cache(store_root) as c:
+
+        async def one() -> None:
+            async with c.lease("toy", "transformer") as weights:
+                got.append(weights)
+                await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(one)
+        stats = c.stats
+        async with c.lease("toy:latest", "transformer") as again:
+            assert again is got[0]
+            assert_exact(again, toy, "transformer")
+        assert c.stats.hits == 1
+    assert calls.count == 1
+    assert (stats.loads, stats.joins, stats.hits, stats.leases, stats.waiters) == (1, 9, 0, 0, 0)
+    assert all(w is got[0] for w in got)
+    assert stats.bytes_held == MODEL_BYTES
+
+
+async def test_key_is_manifest_digest_component_and_dtype(
+    builder: StoreBuilder, store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    async with cache(store_root) as c:
+        async with c.lease("toy", "transformer") as first:
+            pass
+        async with c.lease("toy", "vae") as vae:
+            assert_exact(vae, toy, "vae")
+        async with c.lease("toy", "transformer", dtype=mx.float32) as wide:
+            assert wide is not first
+            assert wide.nbytes == 2 * MODEL_BYTES
+        # Re-pulled under the same name: new manifest bytes, new key, new load.
+        repulled = add_model(builder, "toy:latest", seed=1)
+        async with c.lease("toy", "transformer") as fresh:
+            assert fresh is not first
+            assert_exact(fresh, repulled, "transformer")
+        keys = [e.key for e in c.entries()]
+    assert calls.count == 4
+    assert len({k.digest for k in keys}) == 2
+    assert [(k.component, k.dtype) for k in keys] == [
+        ("transformer", None),
+        ("vae", None),
+        ("transformer", str(mx.float32)),
+        ("transformer", None),
+    ]
+
+
+async def test_an_opened_model_shares_the_key_of_its_name(
+    store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    model = await aw.ModelStore(store_root).open("toy")
+    async with (
+        cache(store_root) as c,
+        c.lease("toy", "vae") as by_name,
+        c.lease(model, "vae") as by_model,
+    ):
+        assert by_name is by_model
+    assert calls.count == 1
+
+
+async def test_cancelling_one_waiter_keeps_the_load_for_the_others(
+    store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    started = anyio.Event()
+    got: list[aw.Weights] = []
+
+    async def mark(event: aw.Progress) -> None:
+        if event.completed_bytes:
+            started.set()
+
+    async with cache(store_root) as c:
+        leaver = anyio.CancelScope()
+
+        async def stays() -> None:
+            async with c.lease("toy", "transformer") as weights:
+                got.append(weights)
+                assert_exact(weights, toy, "transformer")
+
+        async def leaves() -> None:
+            with leaver:
+                async with c.lease("toy", "transformer", on_progress=mark):
+                    pytest.fail("the cancelled waiter got weights")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stays)
+            tg.start_soon(leaves)
+            await started.wait()
+            assert c.stats.waiters == 2
+            leaver.cancel()
+        stats = c.stats
+    assert leaver.cancelled_caught
+    assert len(got) == 1
+    assert (stats.loads, stats.joins, stats.cancellations, stats.failures) == (1, 1, 0, 0)
+    assert calls.count == 1
+
+
+async def test_last_waiter_leaving_cancels_the_load_and_frees_it(
+    store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    started = anyio.Event()
+    events: list[aw.Progress] = []
+
+    async def mark(event: aw.Progress) -> None:
+        events.append(event)
+        if event.completed_bytes:
+            started.set()
+
+    async with cache(store_root) as c:
+        async with anyio.create_task_group() as tg:
+
+            async def leaves() -> None:
+                async with c.lease("toy", "transformer", on_progress=mark):
+                    pytest.fail("the cancelled waiter got weights")
+
+            tg.start_soon(leaves)
+            await started.wait()
+            tg.cancel_scope.cancel()
+        # The lease returned only after the load had ended: nothing of it is left.
+        wait_quiet(store_root, timeout=0.5)
+        stats = c.stats
+        assert events[-1].completed_bytes < MODEL_BYTES
+        assert (stats.loads, stats.cancellations, stats.loading, stats.entries) == (1, 1, 0, 0)
+        assert (stats.bytes_held, stats.bytes_reserved, stats.waiters) == (0, 0, 0)
+        async with c.lease("toy", "transformer") as weights:  # a fresh load, not a dead one
+            assert_exact(weights, toy, "transformer")
+        assert c.stats.loads == 2
+    assert calls.count == 2
+    wait_quiet(store_root)
+
+
+async def test_progress_reaches_every_waiter_in_order(
+    store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    seen: dict[str, list[aw.Progress]] = {"async": [], "plain": [], "stream": [], "hit": []}
+
+    async def on_async(event: aw.Progress) -> None:
+        seen["async"].append(event)
+
+    async with cache(store_root) as c:
+
+        async def lease(callback: aw._progress.ProgressCallback) -> None:
+            async with c.lease("toy", "transformer", on_progress=callback):
+                pass
+
+        async def stream() -> None:
+            async with c.progress("toy", "transformer") as events:
+                async for event in events:
+                    seen["stream"].append(event)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lease, on_async)
+            tg.start_soon(lease, seen["plain"].append)
+            tg.start_soon(stream)
+        await lease(seen["hit"].append)
+        async with c.progress("toy", "transformer") as events:
+            replay = [e async for e in events]
+    assert calls.count == 1
+    for who in ("async", "plain", "stream"):
+        events = seen[who]
+        done = [e.completed_bytes for e in events]
+        assert done == sorted(done), who
+        assert len(list(loading(events))) >= 2, who
+        assert events[-1].phase == "done", who
+        assert events[-1].completed_bytes == events[-1].total_bytes == MODEL_BYTES, who
+    # A hit reports the final event alone.
+    assert seen["hit"] == replay == [seen["stream"][-1]]
+    assert replay[0].to_ollama() == {
+        "status": "success",
+        "digest": "toy",
+        "total": MODEL_BYTES,
+        "completed": MODEL_BYTES,
+    }
+
+
+async def test_a_raising_callback_fails_only_its_own_waiter(
+    store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    async def bad(event: aw.Progress) -> None:
+        if event.completed_bytes:
+            raise ValueError("boom")
+
+    async with cache(store_root) as c:
+        got: list[aw.Weights] = []
+
+        async def good() -> None:
+            async with c.lease("toy", "transformer") as weights:
+                got.append(weights)
+
+        async def failing() -> None:
+            with pytest.raises(aw.LoadError) as info:
+                async with c.lease("toy", "transformer", on_progress=bad):
+                    pass  # pragma: no cover
+            assert str(info.value) == "progress callback raised ValueError: boom (model 'toy')"
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(good)
+            tg.start_soon(failing)
+    assert len(got) == 1
+    assert calls.count == 1
+
+
+async def test_unleased_entries_are_evicted_least_recently_used_first(
+    builder: StoreBuilder, store_root: Path, calls: Calls
+) -> None:
+    for name in ("a", "b", "c"):
+        add_model(builder, name, seed=name.encode()[0])
+    async with cache(store_root, max_bytes=2 * MODEL_BYTES) as c:
+        async with c.lease("a", "transformer"):
+            pass
+        async with c.lease("b", "transformer") as b:
+            pass
+        async with c.lease("a", "transformer"):  # a is now the most recently used
+            pass
+        async with c.lease("c", "transformer"):
+            assert [e.name for e in c.entries()] == ["a:latest", "c:latest"]
+            assert len(b) == 0  # evicted weights are released
+            # Everything else is leased or needed: evicting a must make room for b.
+            async with c.lease("b", "transformer"):
+                assert [e.name for e in c.entries()] == ["c:latest", "b:latest"]
+        stats = c.stats
+        assert (stats.loads, stats.hits, stats.evictions) == (4, 1, 2)
+        assert stats.bytes_held == 2 * MODEL_BYTES
+        dropped = c.evict("c")
+        assert [e.name for e in dropped] == ["c:latest"]
+        assert [e.name for e in c.evict()] == ["b:latest"]
+        assert (c.stats.entries, c.stats.bytes_held, c.stats.evictions) == (0, 0, 4)
+    assert calls.count == 4
+
+
+async def test_a_load_that_cannot_fit_fails_fast(
+    builder: StoreBuilder, store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    add_model(builder, "other", seed=1)
+    async with cache(store_root, max_bytes=MODEL_BYTES + MODEL_BYTES // 2) as c:
+        async with c.lease("toy", "transformer") as held:
+            with pytest.raises(aw.BudgetError) as info:
+                async with c.lease("other", "transformer"):
+                    pass  # pragma: no cover
+            assert str(info.value) == (
+                f"load needs {MODEL_BYTES} bytes, but only {MODEL_BYTES // 2} of the cache's "
+                f"max_bytes of {MODEL_BYTES + MODEL_BYTES // 2} can be freed (the rest is "
+                "leased or loading) (model 'other')"
+            )
+            assert len(held) == 8  # the leased entry was not evicted to try
+        with pytest.raises(aw.BudgetError, match="over the cache's max_bytes"):
+            async with c.lease("toy", "transformer", dtype=mx.float32):
+                pass  # pragma: no cover
+        assert c.stats.failures == 2
+        async with c.lease("other", "transformer"):  # unleased now: toy is evicted
+            assert [e.name for e in c.entries()] == ["other:latest"]
+    assert calls.count == 2  # toy and the last other: the budget failures never loaded
+
+
+async def test_a_failed_load_is_not_cached(
+    builder: StoreBuilder, store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    layer = next(x for x in toy.layers if x.name == "transformer/blocks.3.weight")
+    blob = store_root / "blobs" / layer.digest.replace(":", "-")
+    data = blob.read_bytes()
+    blob.unlink()
+    async with cache(store_root) as c:
+        for _ in range(2):
+            with pytest.raises(aw.BlobMissingError) as info:
+                async with c.lease("toy", "transformer"):
+                    pass  # pragma: no cover
+            assert info.value.digest == layer.digest
+            assert info.value.tensor == "transformer/blocks.3.weight"
+        blob.write_bytes(data)
+        async with c.lease("toy", "transformer") as weights:
+            assert_exact(weights, toy, "transformer")
+        stats = c.stats
+    assert (stats.loads, stats.failures, stats.entries) == (3, 2, 1)
+
+
+async def test_every_waiter_gets_the_failure(
+    store_root: Path, toy: BuiltModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = load_module._load_group
+    calls = 0
+
+    def fail_third(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise aw.LoadError("reading tensors failed: injected", model="toy")
+        return slow(*args)
+
+    monkeypatch.setattr(load_module, "_load_group", fail_third)
+    async with cache(store_root) as c:
+        errors: list[BaseException] = []
+
+        async def one() -> None:
+            try:
+                async with c.lease("toy", "transformer"):
+                    pass  # pragma: no cover
+            except aw.LoadError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(one)
+        stats = c.stats
+    assert (stats.loads, stats.joins, stats.failures, stats.entries) == (1, 2, 1, 0)
+    assert len(errors) == 3
+    assert len({id(e) for e in errors}) == 3  # a copy each: tracebacks stay apart
+    assert {str(e) for e in errors} == {"reading tensors failed: injected (model 'toy')"}
+
+
+async def test_close_cancels_loads_and_releases_entries(store_root: Path, toy: BuiltModel) -> None:
+    errors: list[BaseException] = []
+    started = anyio.Event()
+
+    async def mark(event: aw.Progress) -> None:
+        if event.completed_bytes:
+            started.set()
+
+    async with anyio.create_task_group() as tg, cache(store_root) as c:
+        async with c.lease("toy", "vae") as vae:
+            pass
+
+        async def waiter() -> None:
+            try:
+                async with c.lease("toy", "transformer", on_progress=mark):
+                    pass  # pragma: no cover
+            except aw.LoadError as exc:
+                errors.append(exc)
+
+        tg.start_soon(waiter)
+        await started.wait()
+    assert [str(e) for e in errors] == ["the cache was closed while loading (model 'toy')"]
+    assert len(vae) == 0
+    wait_quiet(store_root)
+    with pytest.raises(RuntimeError, match="closed"):
+        async with c.lease("toy"):
+            pass  # pragma: no cover
+
+
+async def test_lease_needs_the_cache_entered(store_root: Path, toy: BuiltModel) -> None:
+    c = cache(store_root)
+    with pytest.raises(RuntimeError, match="async with WeightCache"):
+        async with c.lease("toy"):
+            pass  # pragma: no cover
