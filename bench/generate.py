@@ -271,10 +271,11 @@ def generate(kind: str, specs: list[TensorSpec], scratch: Path, tag: str) -> Mod
 
 @dataclass(frozen=True)
 class Size:
-    """A size preset: byte scale of both models and the small model's block count."""
+    """A size preset: byte scale of "big", and the small model's block count and byte scale."""
 
     scale: float
     small_blocks: int
+    small_scale: float = 1.0
 
     @property
     def tag(self) -> str:
@@ -282,10 +283,11 @@ class Size:
             return "full"
         if self == SIZES["smoke"]:
             return "smoke"
-        return f"s{self.scale:g}-b{self.small_blocks}".replace(".", "p")
+        return f"s{self.scale:g}-b{self.small_blocks}-{self.small_scale:g}".replace(".", "p")
 
 
-SIZES = {"full": Size(1.0, 512), "smoke": Size(1 / 48, 48)}
+# smoke: ~60 MiB "big" (598 tensors) and 16 MiB "small" (640 tensors)
+SIZES = {"full": Size(1.0, 512), "smoke": Size(1 / 48, 64, 0.25)}
 
 
 def _spec_digest(kind: str, specs: list[TensorSpec]) -> str:
@@ -314,7 +316,10 @@ def ensure_models(scratch: Path, size: Size, *, log: bool = True) -> dict[str, M
     out = {}
     scratch.mkdir(parents=True, exist_ok=True)
     for kind in ("big", "small"):
-        specs = big_spec(size.scale) if kind == "big" else small_spec(size.scale, size.small_blocks)
+        if kind == "big":
+            specs = big_spec(size.scale)
+        else:
+            specs = small_spec(size.small_scale, size.small_blocks)
         digest = _spec_digest(kind, specs)
         info_path = scratch / f"{kind}-{size.tag}.json"
         paths = _reusable(info_path, digest)
@@ -338,7 +343,7 @@ def size_from_args(args: argparse.Namespace) -> Size:
     size = SIZES[args.size]
     if args.scale is not None:
         blocks = max(8, round(size.small_blocks * min(1.0, args.scale * 4)))
-        size = Size(args.scale, blocks)
+        size = Size(args.scale, blocks, args.scale)
     return size
 
 

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from generate import ModelPaths
-from probes import FdSampler, LoopTicker, blob_fds, busy_threads, open_fds, peak_rss_bytes
+from probes import (
+    FdSampler,
+    LoopTicker,
+    blob_fds,
+    busy_threads,
+    open_fds,
+    peak_rss_bytes,
+    rss_bytes,
+    ru_maxrss_bytes,
+)
 
 Figures = dict[str, Any]
 _RAW_BUFFER = 16 << 20
@@ -56,28 +65,33 @@ def _timed(paths: ModelPaths, load: Callable[[], object]) -> Figures:
     import mlx.core as mx
 
     mx.reset_peak_memory()
+    rss0 = rss_bytes()
     usage0 = os.times()
     with FdSampler() as fds:
         start = time.perf_counter()
         result = load()
         wall = time.perf_counter() - start
     usage1 = os.times()
-    figures = _common(paths, wall, fds, usage0, usage1)
+    figures = _common(paths, wall, fds, usage0, usage1, rss0)
     del result
     return figures
 
 
 def _common(
     paths: ModelPaths, wall: float, fds: FdSampler, usage0: os.times_result,
-    usage1: os.times_result,
+    usage1: os.times_result, rss0: int,
 ) -> Figures:  # fmt: skip
     import mlx.core as mx
 
+    peak = peak_rss_bytes()
     return {
         "wall_s": wall,
         "gbps": paths.blob_bytes / wall / 1e9,
-        "peak_rss_mib": peak_rss_bytes() / 2**20,
-        "rss_over_model_mib": (peak_rss_bytes() - paths.tensor_bytes) / 2**20,
+        "peak_rss_mib": peak / 2**20,
+        "rss_before_mib": rss0 / 2**20,
+        "ru_maxrss_mib": ru_maxrss_bytes() / 2**20,
+        "rss_over_model_mib": (peak - paths.tensor_bytes) / 2**20,
+        "load_rss_over_model_mib": (peak - rss0 - paths.tensor_bytes) / 2**20,
         "mlx_peak_mib": mx.get_peak_memory() / 2**20,
         "max_fds": fds.max,
         "max_fds_extra": fds.extra,
@@ -144,6 +158,7 @@ def _aw_run(paths: ModelPaths, backend: str, body: Callable[[], Any]) -> Figures
             tg.start_soon(ticker.run)
             await anyio.sleep(0.01)  # the ticker is ticking before the clock starts
             mx.reset_peak_memory()
+            rss0 = rss_bytes()
             usage0 = os.times()
             with FdSampler() as fds:
                 start = time.perf_counter()
@@ -151,7 +166,7 @@ def _aw_run(paths: ModelPaths, backend: str, body: Callable[[], Any]) -> Figures
                 wall = time.perf_counter() - start
             usage1 = os.times()
             tg.cancel_scope.cancel()
-        out.update(_common(paths, wall, fds, usage0, usage1), **extra)
+        out.update(_common(paths, wall, fds, usage0, usage1, rss0), **extra)
         out.update(ticker.summary())
         del result
 
@@ -204,6 +219,7 @@ def aw_cancel(paths: ModelPaths, backend: str = "asyncio") -> Figures:
         reached = anyio.Event()
         fraction = 0.0
         returned = 0.0
+        finished = False
 
         async def on_progress(p: aw.Progress) -> None:
             nonlocal fraction
@@ -212,12 +228,13 @@ def aw_cancel(paths: ModelPaths, backend: str = "asyncio") -> Figures:
                 reached.set()
 
         async def load(scope: anyio.CancelScope) -> None:
-            nonlocal returned
+            nonlocal returned, finished
             with scope:
                 await aw.load_weights(
                     paths.name, store=paths.store, on_progress=on_progress,
                     limits=aw.Limits(progress_interval=0.0),
                 )  # fmt: skip
+                finished = True
             returned = time.perf_counter()
 
         scope = anyio.CancelScope()
@@ -226,6 +243,7 @@ def aw_cancel(paths: ModelPaths, backend: str = "asyncio") -> Figures:
             await reached.wait()
             cancelled = time.perf_counter()
             scope.cancel()
+        out["finished_before_cancel"] = finished
         out["cancel_at_fraction"] = fraction
         out["cancel_latency_ms"] = (returned - cancelled) * 1e3
         out["after_blob_fds"] = blob_fds(blobs_dir)
@@ -298,13 +316,14 @@ def _raw(paths: ModelPaths, threads: int, fresh: bool) -> Figures:
         for w in workers:
             w.join()
 
+    rss0 = rss_bytes()
     usage0 = os.times()
     with FdSampler() as fds:
         start = time.perf_counter()
         load()
         wall = time.perf_counter() - start
     usage1 = os.times()
-    figures = _common(paths, wall, fds, usage0, usage1)
+    figures = _common(paths, wall, fds, usage0, usage1, rss0)
     for maps in kept:
         for m in maps:
             m.close()
