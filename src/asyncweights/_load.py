@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import anyio
 import anyio.to_thread
@@ -35,7 +36,15 @@ __all__ = ["load_weights", "stream_weights"]
 
 ModelRef = str | os.PathLike[str] | ModelName | Manifest | Model
 StoreRef = str | os.PathLike[str] | ModelStore | None
-_Loaded = list[tuple[PlannedTensor, mx.array]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """One evaluated group, ready for the consumer: built in the worker, so the event loop
+    only files references away."""
+
+    tensors: list[Tensor]
+    nbytes: int
 
 
 async def load_weights(
@@ -77,9 +86,9 @@ async def load_weights(
         groups,
     ):
         async for loaded in groups:
-            for tensor, array in loaded:
-                arrays[tensor.name] = array
-                info[tensor.name] = _info(tensor, array)
+            for tensor in loaded.tensors:
+                arrays[tensor.name] = tensor.array
+                info[tensor.name] = tensor.info
     order = [t.name for blob in plan.blobs for t in blob.tensors]
     return Weights(
         {name: arrays[name] for name in order},
@@ -219,13 +228,10 @@ class _Groups:
             self.finished = True
             self._reporter.close(self.event("done"))
             raise StopAsyncIteration from None
-        seen: set[tuple[str, str]] = set()
-        for tensor, _ in loaded:
-            if (tensor.digest, tensor.key) not in seen:
-                seen.add((tensor.digest, tensor.key))
-                self._bytes += tensor.entry.nbytes
-            self._tensors += 1
-            self._last = tensor.name
+        self._bytes += loaded.nbytes
+        self._tensors += len(loaded.tensors)
+        if loaded.tensors:
+            self._last = loaded.tensors[-1].name
         self._reporter.emit(self.event("loading"))
         return loaded
 
@@ -235,16 +241,15 @@ class _Tensors:
 
     def __init__(self, groups: _Groups) -> None:
         self._groups = groups
-        self._pending: _Loaded = []
+        self._pending: list[Tensor] = []
 
     def __aiter__(self) -> _Tensors:
         return self
 
     async def __anext__(self) -> Tensor:
         while not self._pending:
-            self._pending = list(reversed(await self._groups.__anext__()))
-        tensor, array = self._pending.pop()
-        return Tensor(tensor.name, array, _info(tensor, array))
+            self._pending = list(reversed((await self._groups.__anext__()).tensors))
+        return self._pending.pop()
 
 
 async def _produce(
@@ -272,7 +277,7 @@ def _load_group(
     group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, model: str, direct_max: int
 ) -> _Loaded:
     """Load and evaluate one group of blobs (runs in a worker thread; blocking)."""
-    loaded: _Loaded = []
+    loaded: list[tuple[PlannedTensor, mx.array]] = []
     lazy: list[BlobPlan] = []
     for blob in group:
         if blob.header.file_size <= direct_max:
@@ -305,4 +310,7 @@ def _load_group(
     if verify:
         for blob in lazy:
             verify_file(blob, model)
-    return loaded
+    return _Loaded(
+        [Tensor(tensor.name, array, _info(tensor, array)) for tensor, array in loaded],
+        sum(blob.nbytes for blob in group),
+    )
