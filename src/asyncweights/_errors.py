@@ -6,6 +6,7 @@ Every error the library raises on purpose derives from `AsyncWeightsError`:
     ├── InvalidNameError            a model name outside Ollama's grammar
     ├── ModelNotFoundError          no manifest for the name, or several that match
     ├── ManifestError               manifest unreadable, not JSON, wrong schema
+    │   └── InvalidDigestError      a digest that is not ``sha256:`` and 64 hex digits
     ├── ComponentNotFoundError      the model has no tensors for that component
     ├── ConfigNotFoundError         no JSON config layer of that name
     ├── BlobError                   something wrong with one blob
@@ -26,6 +27,7 @@ failure concerns are always named the same way. OS errors keep their real errno.
 from __future__ import annotations
 
 import errno as _errno
+import os
 from pathlib import Path
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "DigestMismatchError",
     "DuplicateTensorError",
     "HeaderError",
+    "InvalidDigestError",
     "InvalidNameError",
     "LoadError",
     "ManifestError",
@@ -66,7 +69,7 @@ class AsyncWeightsError(Exception):
         model: str | None = None,
         tensor: str | None = None,
         digest: str | None = None,
-        path: str | Path | None = None,
+        path: str | os.PathLike[str] | None = None,
         errno: int | None = None,
     ) -> None:
         self.reason = reason
@@ -93,7 +96,7 @@ class AsyncWeightsError(Exception):
             where.append(f"errno {_errno.errorcode.get(self.errno, self.errno)}")
         return f"{self.reason} ({', '.join(where)})" if where else self.reason
 
-    def add_context(self, **fields: str | Path | None) -> None:
+    def add_context(self, **fields: str | os.PathLike[str] | None) -> None:
         """Fill in fields still unknown where the error was raised, and refresh the message."""
         for name, value in fields.items():
             if value is not None and getattr(self, name) is None:
@@ -129,6 +132,10 @@ class ModelNotFoundError(AsyncWeightsError, LookupError):
 
 class ManifestError(AsyncWeightsError):
     """A manifest that cannot be read, is not JSON, or does not follow the schema."""
+
+
+class InvalidDigestError(ManifestError, ValueError):
+    """A digest that is not ``sha256:`` followed by 64 hex digits; no path is built from it."""
 
 
 class ComponentNotFoundError(AsyncWeightsError, LookupError):

@@ -7,8 +7,10 @@ overlapping offsets, trailing bytes, negative or float dimensions and wraps dime
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -17,7 +19,13 @@ from typing import Any
 
 import msgspec
 
-from ._errors import BlobMissingError, HeaderError, SizeMismatchError, UnsupportedDTypeError
+from ._errors import (
+    BlobError,
+    BlobMissingError,
+    HeaderError,
+    SizeMismatchError,
+    UnsupportedDTypeError,
+)
 
 __all__ = ["DTYPE_SIZES", "MAX_HEADER", "BlobHeader", "TensorEntry", "parse_header", "read_header"]
 
@@ -118,9 +126,7 @@ def _parse(raw: bytes, file_size: int) -> BlobHeader:
     meta_raw = doc.pop("__metadata__", None)
     metadata: dict[str, str] = {}
     if meta_raw is not None:
-        if not isinstance(meta_raw, dict) or not all(
-            isinstance(v, str) for v in meta_raw.values()
-        ):
+        if not isinstance(meta_raw, dict) or not all(isinstance(v, str) for v in meta_raw.values()):
             raise _Invalid("__metadata__ must be an object of strings")
         metadata = meta_raw
     entries: dict[str, TensorEntry] = {}
@@ -145,6 +151,8 @@ def _decode_json(text: bytes) -> Any:
         doc = msgspec.json.decode(text)
     except msgspec.DecodeError as exc:
         raise _Invalid(f"header is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise _Invalid(f"header is not UTF-8 (byte {exc.start} of the JSON)") from None
     except RecursionError:
         raise _Invalid("header JSON is nested too deeply") from None
     if isinstance(doc, dict) and _may_have_duplicates(text, doc):
@@ -154,7 +162,13 @@ def _decode_json(text: bytes) -> Any:
 
 
 def _may_have_duplicates(text: bytes, doc: dict[str, Any]) -> bool:
-    """Cheap, exact-enough screen: each tensor entry spells each field name once."""
+    """Cheap, exact-enough screen: each tensor entry spells each field name once.
+
+    An escaped key (``"\\u0064type"``) would hide from the count, so any backslash sends the
+    header to the exact check.
+    """
+    if b"\\" in text:
+        return True
     decoded = text.decode("utf-8", "replace")
     tensors = len(doc) - ("__metadata__" in doc)
     if decoded.count('"__metadata__"') > 1:
@@ -174,10 +188,9 @@ def _reject_duplicates(text: bytes) -> None:
             seen[key] = value
         return seen
 
-    try:
+    # msgspec accepted the text; only duplicates matter here.
+    with contextlib.suppress(ValueError, RecursionError):
         json.loads(text.decode("utf-8"), object_pairs_hook=pairs)
-    except (ValueError, RecursionError):
-        pass  # msgspec accepted it; only duplicates matter here
 
 
 def _entry(key: str, value: Any) -> TensorEntry:
@@ -189,9 +202,7 @@ def _entry(key: str, value: Any) -> TensorEntry:
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         supported = ", ".join(sorted(DTYPE_SIZES))
         raise _Invalid(f"unsupported dtype {dtype!r}; supported: {supported}", key, dtype=True)
-    if not isinstance(shape, list) or not all(
-        type(d) is int and 0 <= d <= _MAX_DIM for d in shape
-    ):
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape):
         raise _Invalid(f"shape {shape!r} is not a list of integers in [0, 2^31)", key)
     if (
         not isinstance(offsets, list)
@@ -217,21 +228,25 @@ def _entry(key: str, value: Any) -> TensorEntry:
 _FIRST_READ = 64 * 1024  # most headers are a few hundred bytes: one read fetches them
 
 
-def read_header(path: Path, *, expected_size: int | None) -> BlobHeader:
+def read_header(path: str | os.PathLike[str], *, expected_size: int | None) -> BlobHeader:
     """Read and validate a blob's header, checking its size against the manifest (blocking).
 
     Raises:
         BlobMissingError: no such file.
+        BlobError: the path is not a regular file (a directory, FIFO or device).
         SizeMismatchError: the file's size differs from `expected_size`.
         HeaderError: the header breaks a rule; OSError for other I/O failures.
     """
     key = os.fspath(path)
     try:
-        fd = os.open(key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: opening a FIFO planted in blobs/ must not wait for a writer.
+        fd = os.open(key, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
         raise BlobMissingError("blob file is missing", path=path, errno=exc.errno) from None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BlobError("blob is not a regular file", path=path)
         signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         cached = _CACHE.get(key, signature)
         if cached is not None:

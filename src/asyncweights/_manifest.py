@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
 
-from ._errors import ManifestError
+from ._errors import InvalidDigestError, ManifestError
 
 __all__ = [
     "CONFIG_MEDIA_TYPE",
@@ -33,6 +34,11 @@ MANIFEST_MEDIA_TYPES = frozenset(
 
 Digest = Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-fA-F]{64}$")]
 Size = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+_DIGEST = re.compile(r"sha256:[0-9a-fA-F]{64}")
+_MAX_SIZE = 2**62
+# Decoding failures that mean "not a manifest": msgspec's own, a string that is not UTF-8
+# (msgspec raises UnicodeDecodeError), and nesting deeper than the interpreter allows.
+_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 class Layer(msgspec.Struct, rename="camel", omit_defaults=True, gc=False):
@@ -47,6 +53,14 @@ class Layer(msgspec.Struct, rename="camel", omit_defaults=True, gc=False):
     name: str | None = None
 
     def __post_init__(self) -> None:
+        # Decoding checks the Annotated constraints already; a Layer built in Python does not,
+        # and its digest becomes a file name, so check it here as well.
+        if not isinstance(self.digest, str) or not _DIGEST.fullmatch(self.digest):
+            raise InvalidDigestError(
+                f"invalid digest {self.digest!r}: expected 'sha256:' and 64 hex digits"
+            )
+        if type(self.size) is not int or not 0 <= self.size <= _MAX_SIZE:
+            raise ValueError(f"invalid layer size {self.size!r}")
         self.digest = self.digest.lower()
 
     @property
@@ -102,9 +116,11 @@ def decode_manifest(data: bytes, *, model: str | None = None, path: Path | None 
             path, e.g. ``$.layers[3].digest``), an unknown schema version or media type.
     """
     try:
+        # Strict UTF-8 for the whole document: msgspec does not look inside skipped fields.
+        bytes(data).decode("utf-8")
         manifest = _MANIFEST_DECODER.decode(data)
-    except msgspec.DecodeError as exc:
-        raise ManifestError(f"invalid manifest: {exc}", model=model, path=path) from exc
+    except _DECODE_ERRORS as exc:
+        raise ManifestError(f"invalid manifest: {_describe(exc)}", model=model, path=path) from exc
     if manifest.schema_version != 2:
         raise ManifestError(
             f"unsupported manifest schemaVersion {manifest.schema_version} (expected 2)",
@@ -128,10 +144,18 @@ def decode_config(
     """
     try:
         return _CONFIG_DECODER.decode(data)
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         raise ManifestError(
-            f"invalid model config blob: {exc}", model=model, digest=digest
+            f"invalid model config blob: {_describe(exc)}", model=model, digest=digest
         ) from exc
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 (byte {exc.start})"
+    return str(exc)
 
 
 def encode_manifest(manifest: Manifest) -> bytes:

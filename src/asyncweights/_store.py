@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
-from ._errors import InvalidNameError, ManifestError, ModelNotFoundError
+from ._errors import InvalidDigestError, InvalidNameError, ManifestError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from ._manifest import Manifest
@@ -131,10 +131,12 @@ def blob_file_name(digest: str) -> str:
     """Map a ``sha256:<hex>`` digest to its file name, ``sha256-<lowercase hex>``.
 
     Raises:
-        ValueError: the digest is not ``sha256:`` followed by 64 hex digits.
+        InvalidDigestError: (a ValueError) the digest is not ``sha256:`` and 64 hex digits.
     """
-    if not _DIGEST.fullmatch(digest):
-        raise ValueError(f"invalid digest {digest!r}: expected 'sha256:' and 64 hex digits")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise InvalidDigestError(
+            f"invalid digest {digest!r}: expected 'sha256:' and 64 hex digits", digest=None
+        )
     return "sha256-" + digest[7:].lower()
 
 
@@ -171,6 +173,18 @@ class ModelStore:
         """
         parsed = name if isinstance(name, ModelName) else ModelName.parse(name)
         exact = self.manifests_dir.joinpath(*parsed.parts)
+        try:
+            return self._find(parsed, exact, str(name))
+        except PermissionError as exc:
+            # Path.is_file() raises for EACCES (a folder without x); keep the real errno.
+            raise ManifestError(
+                f"cannot look up manifest: {exc.strerror}",
+                model=str(name),
+                path=exc.filename or exact,
+                errno=exc.errno,
+            ) from exc
+
+    def _find(self, parsed: ModelName, exact: Path, label: str) -> Path:
         if exact.is_file():
             return exact
         candidates = [self.manifests_dir]
@@ -183,7 +197,6 @@ class ModelStore:
                 if child.name.casefold() == folded
             ]
         found = [c for c in candidates if c.is_file()]
-        label = str(name)
         if not found:
             raise ModelNotFoundError(
                 f"model not found in store {str(self.root)!r}", model=label, path=exact
