@@ -148,7 +148,9 @@ async def test_import_quantized_matches_mlx(
             assert raw(weights[name]) == expected.tobytes(), name
             continue
         comp, key = name.split("/", 1)
-        ref = mx.load(str(tmp_path / "src" / comp / "model.safetensors"))[key]
+        loaded = mx.load(str(tmp_path / "src" / comp / "model.safetensors"))
+        assert isinstance(loaded, dict)
+        ref = loaded[key]
         w, s, b = mx.quantize(ref, group_size=group, bits=bits)
         assert weights.info[name].quantization == weights.quantization
         assert raw(weights[name]) == raw(w)

@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import resource
+import shutil
 import sys
 import threading
 import time
@@ -104,10 +105,12 @@ class Output:
         from tqdm import tqdm  # type: ignore[import-untyped]
 
         scaled = unit == "B"
+        size = shutil.get_terminal_size()
         self._bar = tqdm(
             total=total, desc=description, unit=unit, unit_scale=scaled,
             unit_divisor=1024 if scaled else 1000, file=sys.stderr, leave=False,
-            dynamic_ncols=True, mininterval=0.1, smoothing=0.3,
+            # A terminal that reports a 0x0 size (a fresh pty) would hide the bar.
+            ncols=size.columns, nrows=size.lines, mininterval=0.1, smoothing=0.3,
         )  # fmt: skip
 
     def update(self, completed: float, total: float | None = None) -> None:

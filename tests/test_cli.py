@@ -1,0 +1,304 @@
+"""The command line, driven in subprocesses: exit codes, JSON, progress on a terminal only."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from asyncweights._cli import parse_size
+from asyncweights.testing import StoreBuilder, random_weights
+
+SHAPES = {
+    "text_encoder/model.layers.0.mlp.up_proj.weight": (128, 64),
+    "text_encoder/model.norm.weight": (64,),
+    "transformer/blocks.0.attn.to_q.weight": (64, 128),
+    "vae/decoder.conv_in.weight": (8, 4, 3, 3),
+}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    b = StoreBuilder(root)
+    b.add_model("toy:latest", random_weights(SHAPES), era="E1")
+    b.add_model("toy:int4", random_weights(SHAPES), era="E1", quantize="int4")
+    return root
+
+
+def cli(
+    *args: str, tmp: Path, input: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), **(env or {})}
+    environ.pop("OLLAMA_MODELS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "asyncweights", *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        input=input,
+        timeout=60,
+    )
+
+
+def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    assert "%|" not in result.stderr  # piped: no progress bar
+    return json.loads(result.stdout)
+
+
+def test_ls_lists_models(store: Path, tmp_path: Path) -> None:
+    data = ok_json(cli("ls", "--store", str(store), "--json", tmp=tmp_path))
+    rows = {m["name"]: m for m in data["models"]}
+    assert sorted(rows) == ["toy:int4", "toy:latest"]
+    assert rows["toy:latest"]["tensors"] == 4
+    assert rows["toy:latest"]["quantization"] is None
+    assert rows["toy:int4"]["quantization"] == "int4"
+    assert rows["toy:int4"]["components"] == ["text_encoder", "transformer", "vae"]
+    text = cli("ls", "--store", str(store), tmp=tmp_path)
+    assert text.returncode == 0
+    assert text.stdout.splitlines()[0].split() == [
+        "NAME", "ID", "SIZE", "TENSORS", "COMPONENTS", "QUANTIZATION"
+    ]  # fmt: skip
+
+
+def test_show_reports_quantization_parameters_and_dtypes(store: Path, tmp_path: Path) -> None:
+    data = ok_json(cli("show", "toy:int4", "--store", str(store), "--json", tmp=tmp_path))
+    params = sum(int(np.prod(s)) for s in SHAPES.values())
+    assert data["parameters"] == params
+    assert data["model_index"]["parameter_count"] == params
+    per = data["per_component"]
+    assert per["text_encoder"]["quantization"] == {"int4 (affine, 4-bit, group 64)": 1}
+    assert per["transformer"]["quantization"] == {"int4 (affine, 4-bit, group 64)": 1}
+    assert per["vae"]["quantization"] == {}
+    assert data["dtypes"]["U32"]["tensors"] == 2
+    assert sorted(data["dtypes"]) == ["BF16", "U32"]
+    assert data["dtypes"]["BF16"]["tensors"] == 6  # norm, vae, two scales, two biases
+    assert "model_index.json" in data["configs"]
+
+
+def test_load_prints_summary_and_converts(store: Path, tmp_path: Path) -> None:
+    args = ("load", "toy:latest", "--store", str(store), "--json")
+    data = ok_json(cli(*args, tmp=tmp_path))
+    assert data["tensors"] == 4
+    assert data["bytes"] == sum(int(np.prod(s)) * 2 for s in SHAPES.values())
+    assert data["gb_per_s"] > 0
+    assert data["mlx_peak_bytes"] > 0
+    assert data["max_rss_bytes"] > 0
+    data = ok_json(cli(*args, "-c", "vae", "--dtype", "f32", "--verify", tmp=tmp_path))
+    assert data["tensors"] == 1
+    assert data["per_component"]["vae"]["dtypes"] == {"float32": 1}
+    assert data["verified"] is True
+    text = cli("load", "toy:int4", "--store", str(store), tmp=tmp_path)
+    assert text.returncode == 0
+    assert "loaded toy:int4: 8 tensors" in text.stdout
+    assert "quantization: int4/g64 x1" in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("load", "nothere"), "error: model not found in store"),
+        (("load", "toy", "-c", "unet"), "error: no component 'unet'"),
+        (("show", "bad name!"), "error: invalid model name"),
+        (("verify", "nothere"), "error: model not found"),
+        (("import", "/no/such/dir", "x"), "error: source is not a directory"),
+    ],
+)
+def test_user_errors_are_one_line(
+    store: Path, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    result = cli(*args, "--store", str(store), tmp=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_bad_usage_exits_2(tmp_path: Path) -> None:
+    assert cli(tmp=tmp_path).returncode == 2
+    assert cli("load", tmp=tmp_path).returncode == 2
+    assert cli("demo", "--size", "lots", tmp=tmp_path).returncode == 2
+    assert cli("load", "x", "--dtype", "f64", tmp=tmp_path).returncode == 2
+
+
+def test_verify_lists_bad_blobs(store: Path, tmp_path: Path) -> None:
+    data = ok_json(cli("verify", "toy:latest", "--store", str(store), "--json", tmp=tmp_path))
+    assert data["ok"] is True
+    assert data["bad"] == []
+    manifest = json.loads((store / "manifests/registry.ollama.ai/library/toy/latest").read_text())
+    layer = manifest["layers"][0]
+    blob = store / "blobs" / layer["digest"].replace(":", "-")
+    data_bytes = bytearray(blob.read_bytes())
+    data_bytes[-1] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data_bytes))
+    missing = manifest["layers"][1]["digest"]
+    (store / "blobs" / missing.replace(":", "-")).unlink()
+    result = cli("verify", "toy:latest", "--store", str(store), "--json", tmp=tmp_path)
+    assert result.returncode == 1
+    bad = {b["digest"]: b for b in json.loads(result.stdout)["bad"]}
+    assert sorted(bad) == sorted([layer["digest"], missing])
+    assert bad[layer["digest"]]["problem"].startswith("content hashes to sha256:")
+    assert bad[missing]["problem"] == "missing"
+    count = len({manifest["config"]["digest"]} | {x["digest"] for x in manifest["layers"]})
+    assert result.stderr == f"error: 2 of {count} blobs failed verification\n"
+
+
+def test_import_command(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    save_file(
+        {"m.weight": rng.standard_normal((8, 64)).astype(np.float32)}, str(src / "m.safetensors")
+    )
+    (src / "config.json").write_text("{}")
+    store = str(tmp_path / "store")
+    args = ("import", str(src), "mine:q8", "--store", store, "--quantize", "q8", "--json")
+    first = ok_json(cli(*args, "--layout", "data", tmp=tmp_path))
+    assert first["tensors"] == 3
+    assert first["quantization"] == "int8"
+    assert first["new_blobs"] == first["blobs"] == 6  # weight, scale, qbias, 2 JSON, config
+    again = ok_json(cli(*args, "--layout", "data", tmp=tmp_path))
+    assert again["new_blobs"] == 0
+    loaded = ok_json(cli("load", "mine:q8", "--store", store, "--json", tmp=tmp_path))
+    assert loaded["quantization"] == "int8"
+
+
+def test_demo_generates_once_and_reuses(tmp_path: Path) -> None:
+    first = ok_json(cli("demo", "--size", "4MiB", "--json", tmp=tmp_path))
+    assert first["generated"] is True
+    assert first["store"] == str(tmp_path / "cache" / "asyncweights" / "demo")
+    plain, quant = first["loads"]
+    assert plain["model"] == "asyncweights-demo:4mib"
+    assert 3.5 * 2**20 < plain["bytes"] < 4.5 * 2**20
+    assert plain["quantization"] is None
+    assert sorted(plain["per_component"]) == ["text_encoder", "transformer", "vae"]
+    assert plain["per_component"]["vae"]["dtypes"] == {
+        "float32": plain["per_component"]["vae"]["tensors"]
+    }
+    assert quant["quantization"] == "int4"
+    assert quant["per_component"]["vae"]["quantization"] == {}
+    assert quant["per_component"]["transformer"]["quantization"]
+    second = ok_json(cli("demo", "--size", "4MiB", "--json", tmp=tmp_path))
+    assert second["generated"] is False
+    assert second["loads"][0]["bytes"] == plain["bytes"]
+    # A different size replaces the old one unless --keep.
+    third = ok_json(cli("demo", "--size", "2MiB", "--json", tmp=tmp_path))
+    assert sorted(third["removed"]) == ["asyncweights-demo:4mib", "asyncweights-demo:4mib-int4"]
+    text = cli("demo", "--size", "2MiB", tmp=tmp_path)
+    assert text.returncode == 0
+    assert "(reused)" in text.stdout
+    assert "GB/s" in text.stdout
+    assert "peak memory: MLX" in text.stdout
+
+
+def run_on_pty(args: list[str], env: dict[str, str]) -> tuple[int, bytes]:
+    """Run the CLI with stdout and stderr on a pseudo-terminal; return status and output."""
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncweights", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=child,
+        stderr=child,
+        env=env,
+    )
+    os.close(child)
+    output = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([main], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(main)
+    return proc.wait(timeout=30), output
+
+
+def test_progress_bar_on_a_terminal_only(store: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    status, output = run_on_pty(["load", "toy:latest", "--store", str(store)], env)
+    assert status == 0
+    assert b"%|" in output  # tqdm's bar
+    assert b"loaded toy:latest: 4 tensors" in output
+    status, output = run_on_pty(["verify", "toy:latest", "--store", str(store)], env)
+    assert status == 0
+    assert b"verifying" in output
+    status, output = run_on_pty(["ls", "--store", str(store), "--no-progress"], env)
+    assert status == 0
+    assert b"%|" not in output
+    piped = cli("load", "toy:latest", "--store", str(store), tmp=tmp_path)
+    assert piped.returncode == 0
+    assert "%|" not in piped.stderr
+    assert piped.stderr == ""
+    forced = cli("load", "toy:latest", "--store", str(store), "--progress", tmp=tmp_path)
+    assert "%|" in forced.stderr
+
+
+_INTERRUPTED = textwrap.dedent(
+    """
+    import os, stat, sys, time
+    real = os.fsync
+    def slow_fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            print("writing", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+        real(fd)
+    os.fsync = slow_fsync
+    from asyncweights._cli import main
+    main(sys.argv[1:])
+    """
+)
+
+
+def test_ctrl_c_exits_130_without_output(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = {f"t{i}.weight": np.full((4, 4), i, dtype=np.float32) for i in range(50)}
+    save_file(tensors, str(src / "m.safetensors"))
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED, "import", str(src), "m", "--store", str(store)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    assert proc.stderr.readline().startswith("writing")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert stdout == ""
+    assert "Traceback" not in stderr
+    assert not [p for p in (store / "manifests").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("512MiB", 512 << 20), ("1GiB", 1 << 30), ("64M", 64 << 20), ("1.5GB", 1_500_000_000)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
