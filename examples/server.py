@@ -158,12 +158,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--max-bytes", type=int, default=None, help="the cache's budget")
     parser.add_argument("--group-bytes", type=int, default=None, help="Limits.group_bytes")
+    parser.add_argument("--workers", type=int, default=None, help="Limits.workers")
     args = parser.parse_args(argv)
 
-    limits = aw.Limits(group_bytes=args.group_bytes) if args.group_bytes else None
+    knobs = {"group_bytes": args.group_bytes, "workers": args.workers}
+    given = {name: value for name, value in knobs.items() if value is not None}
+    limits = aw.Limits(**given) if given else None
     app = create_app(args.store, max_bytes=args.max_bytes, limits=limits)
     # Bind first, then announce the real port: callers that asked for port 0 read it here.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto must say IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that do, and
+    # without it every keep-alive response waits ~40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     host, port = sock.getsockname()[:2]

@@ -229,7 +229,7 @@ async def test_progress_reaches_every_waiter_in_order(
 
     async with cache(store_root) as c:
 
-        async def lease(callback: aw._progress.ProgressCallback) -> None:
+        async def lease(callback: Callable[[aw.Progress], Any]) -> None:
             async with c.lease("toy", "transformer", on_progress=callback):
                 pass
 
@@ -247,12 +247,12 @@ async def test_progress_reaches_every_waiter_in_order(
             replay = [e async for e in events]
     assert calls.count == 1
     for who in ("async", "plain", "stream"):
-        events = seen[who]
-        done = [e.completed_bytes for e in events]
+        got = seen[who]
+        done = [e.completed_bytes for e in got]
         assert done == sorted(done), who
-        assert len(list(loading(events))) >= 2, who
-        assert events[-1].phase == "done", who
-        assert events[-1].completed_bytes == events[-1].total_bytes == MODEL_BYTES, who
+        assert len(list(loading(got))) >= 2, who
+        assert got[-1].phase == "done", who
+        assert got[-1].completed_bytes == got[-1].total_bytes == MODEL_BYTES, who
     # A hit reports the final event alone.
     assert seen["hit"] == replay == [seen["stream"][-1]]
     assert replay[0].to_ollama() == {

@@ -129,7 +129,8 @@ async def load_and_leave(
 
 
 def mid_load(event: Event) -> bool:
-    return 0 < event.get("completed", 0) < MODEL_BYTES
+    completed: int = event.get("completed", 0)
+    return 0 < completed < MODEL_BYTES
 
 
 async def stats(client: httpx.AsyncClient) -> dict[str, int]:
