@@ -431,3 +431,26 @@ async def test_lease_needs_the_cache_entered(store_root: Path, toy: BuiltModel) 
     with pytest.raises(RuntimeError, match="async with WeightCache"):
         async with c.lease("toy"):
             pass  # pragma: no cover
+
+
+async def test_leaving_a_progress_stream_early_leaves_only_that_watcher(
+    store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    got: list[aw.Weights] = []
+    async with cache(store_root) as c:
+
+        async def stays() -> None:
+            async with c.lease("toy", "transformer") as weights:
+                got.append(weights)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stays)
+            async with c.progress("toy", "transformer") as events:
+                async for event in events:
+                    if event.completed_bytes:
+                        break
+            assert c.stats.waiters == 1
+        stats = c.stats
+    assert len(got) == 1
+    assert (stats.loads, stats.cancellations) == (1, 0)
+    assert calls.count == 1

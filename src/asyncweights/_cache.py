@@ -354,12 +354,14 @@ class WeightCache:
         """
         entry = await self._attach(model, component, dtype, verify, limits)
         if entry.state != "loading":
-            yield _replay(entry.latest)
+            yield _Events(None, entry.latest)
             return
         entry.waiters += 1
+        events = _Events(entry)
         try:
-            yield _follow(entry)
+            yield events
         finally:
+            events.close()
             await self._leave(entry)
 
     def evict(self, model: str | None = None) -> list[CacheEntry]:
@@ -602,22 +604,38 @@ class WeightCache:
         return Model(self.store, manifest, label=label, path=path), _digest(data)
 
 
-async def _follow(entry: _Entry) -> AsyncIterator[Progress]:
-    # Owns no task group and no waiter count: `WeightCache.progress` holds those.
-    watch = entry.watch()
-    try:
-        while (event := await watch.next()) is not None:
-            yield event
-    finally:
-        entry.watches.discard(watch)
-    if entry.weights is None:
-        error = entry.error or LoadError("load ended without weights", model=entry.label)
-        raise _clone(error) from error
+class _Events:
+    """`WeightCache.progress`' stream: a plain iterator, so leaving it early leaves no
+    half-run async generator behind (trio warns about those)."""
 
+    def __init__(self, entry: _Entry | None, replay: Progress | None = None) -> None:
+        self._entry = entry
+        self._replay = replay
+        self._watch = None if entry is None else entry.watch()
 
-async def _replay(event: Progress | None) -> AsyncIterator[Progress]:
-    if event is not None:
-        yield event
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> Progress:
+        if self._watch is None:
+            event, self._replay = self._replay, None
+            if event is None:
+                raise StopAsyncIteration
+            return event
+        assert self._entry is not None
+        event = await self._watch.next()
+        if event is not None:
+            return event
+        self.close()
+        if self._entry.weights is None:
+            entry = self._entry
+            error = entry.error or LoadError("load ended without weights", model=entry.label)
+            raise _clone(error) from error
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        if self._entry is not None and self._watch is not None:
+            self._entry.watches.discard(self._watch)
 
 
 async def _deliver(callback: ProgressCallback, event: Progress, label: str) -> None:
