@@ -14,7 +14,6 @@ import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
