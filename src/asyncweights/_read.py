@@ -74,7 +74,8 @@ def read_direct(blob: BlobPlan, model: str, *, verify: bool) -> dict[str, mx.arr
             continue
         entry = tensor.entry
         fmt, dtype = _VIEWS[entry.dtype]
-        raw = mx.array(view[start + entry.begin : start + entry.end].cast(fmt))
+        # MLX copies any buffer-protocol object; its stubs only list arrays and lists.
+        raw = mx.array(view[start + entry.begin : start + entry.end].cast(fmt))  # type: ignore[arg-type]
         arrays[tensor.key] = (raw if raw.dtype == dtype else raw.view(dtype)).reshape(entry.shape)
     return arrays
 
