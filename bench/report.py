@@ -50,7 +50,7 @@ def summarize(doc: Doc) -> Doc:
             other = groups.get(_key(g["model"], g["condition"], base))
             if gbps and other and other["median"].get("gbps"):
                 g["ratio"][base] = gbps / other["median"]["gbps"]
-    summary = {"groups": groups}
+    summary: dict[str, Any] = {"groups": groups}
     summary["targets"] = targets({**doc, "summary": summary})
     return summary
 
@@ -68,7 +68,8 @@ def _key(model: str, condition: str, strategy: str) -> str:
 
 
 def _group(doc: Doc, model: str, condition: str, strategy: str) -> dict[str, Any] | None:
-    return doc["summary"]["groups"].get(_key(model, condition, strategy))
+    groups: dict[str, dict[str, Any]] = doc["summary"]["groups"]
+    return groups.get(_key(model, condition, strategy))
 
 
 def _med(doc: Doc, model: str, condition: str, strategy: str, field: str) -> float | None:
@@ -144,14 +145,18 @@ def targets(doc: Doc) -> list[dict[str, str]]:
         row(f"time to first tensor, stream_weights, big warm, {label}", "≤ 20 ms",
             "—" if t is None else f"{t:.1f} ms", None if t is None else t <= 20)  # fmt: skip
 
-    cancels = [r for r in doc["runs"] if r["strategy"] in ("aw_cancel", "aw_cancel_trio")]
-    # A load that finished before the cancel arrived measures nothing.
-    ok = [r for r in cancels if r.get("ok") and not r.get("finished_before_cancel")]
-    if ok:
+    for model in ("big", "small"):
+        cancels = [r for r in doc["runs"] if r["model"] == model
+                   and r["strategy"] in ("aw_cancel", "aw_cancel_trio")]  # fmt: skip
+        # A load that finished before the cancel arrived measures nothing.
+        ok = [r for r in cancels if r.get("ok") and not r.get("finished_before_cancel")]
+        figure = f"cancel, {model}: time from cancel to return (median, worst; both backends)"
+        if not ok:
+            row(figure, "≤ 50 ms", "—", None)
+            continue
         lat = statistics.median(r["cancel_latency_ms"] for r in ok)
         worst = max(r["cancel_latency_ms"] for r in ok)
-        row("cancel: time from cancel to return (median, worst)", "≤ 50 ms",
-            f"{lat:.1f} ms ({worst:.1f} ms)", lat <= 50)  # fmt: skip
+        row(figure, "≤ 50 ms", f"{lat:.1f} ms ({worst:.1f} ms)", lat <= 50)
         left = {
             "blob files": max(r["after_blob_fds"] for r in ok),
             "busy threads": max(r["after_busy_threads"] for r in ok),
@@ -164,10 +169,8 @@ def targets(doc: Doc) -> list[dict[str, str]]:
         }
         measured = ", ".join(f"{k} {v:g}" for k, v in left.items())
         measured += "; 200 ms later: " + ", ".join(f"{k} {v:g}" for k, v in settled.items())
-        row("cancel: left right after return (worst run)", "nothing", measured,
+        row(f"cancel, {model}: left right after return (worst run)", "nothing", measured,
             all(v == 0 for v in left.values()) and all(r.get("ok") for r in cancels))  # fmt: skip
-    else:
-        row("cancel: time from cancel to return", "≤ 50 ms", "—", None)
 
     for cond in ("warm", "cold"):
         plain = _med(doc, "big", cond, "aw_load", "wall_s")
@@ -197,7 +200,7 @@ def _f(v: float | None, fmt: str = ".2f") -> str:
 def condition_table(doc: Doc, model: str, condition: str) -> str:
     headers = [
         "strategy", "ok", "wall s", "GB/s", "min-max", *(f"x{b}" for b in SHOWN_RATIOS),
-        "RSS-model MiB", "MLX peak MiB", "+fds", "lag p50/p99/max ms", "1st tensor ms",
+        "peak RSS MiB", "MLX peak MiB", "+fds", "lag p50/p99/max ms", "1st tensor ms",
         "resident",
     ]  # fmt: skip
     rows = []
@@ -214,7 +217,7 @@ def condition_table(doc: Doc, model: str, condition: str) -> str:
             strategy, f"{g['ok']}/{g['runs']}", _f(m.get("wall_s"), ".3f"), _f(m.get("gbps")),
             f"{_f(g['min'].get('gbps'))}-{_f(g['max'].get('gbps'))}",
             *(_f(g["ratio"].get(b)) for b in SHOWN_RATIOS),
-            _f(m.get("rss_over_model_mib"), ".0f"), _f(m.get("mlx_peak_mib"), ".0f"),
+            _f(m.get("peak_rss_mib"), ".0f"), _f(m.get("mlx_peak_mib"), ".0f"),
             _f(m.get("max_fds_extra"), ".0f"), lag, _f(m.get("first_tensor_ms"), ".1f"),
             _f(m.get("residency")),
         ])  # fmt: skip
@@ -246,14 +249,15 @@ def checks_table(doc: Doc) -> str:
             rows.append([
                 f"{model} {strategy}", f"{g['ok']}/{g['runs']}", _f(m.get("cancel_at_fraction")),
                 _f(m.get("cancel_latency_ms"), ".1f"),
-                f"{_f(m.get('after_blob_fds'), 'g')} / {_f(m.get('settled_blob_fds'), 'g')}",
+                f"{_f(m.get('after_blob_fds'), 'g')} / {_f(m.get('after_gc_blob_fds'), 'g')} / "
+                f"{_f(m.get('settled_blob_fds'), 'g')}",
                 f"{_f(m.get('after_busy_threads'), 'g')} / "
                 f"{_f(m.get('settled_busy_threads'), 'g')}",
                 f"{_f(m.get('after_mlx_active_mib'), '.1f')} / "
                 f"{_f(m.get('settled_mlx_active_mib'), '.1f')}",
                 ", ".join(g["errors"]) or "",
             ])  # fmt: skip
-    headers = ["cancel run", "ok", "at fraction", "latency ms", "blob fds after / +200 ms",
+    headers = ["cancel run", "ok", "at fraction", "latency ms", "blob fds after / gc / +200 ms",
                "busy threads", "MLX active MiB", "errors"]  # fmt: skip
     out = _table(headers, rows) if rows else ""
     nofile = [r for r in doc["runs"] if r["strategy"] == "aw_nofile64"]
@@ -302,12 +306,13 @@ def markdown(doc: Doc, chart: str | None = None) -> str:
         f"runs: {len(doc['runs'])}\n"
         f"- command: `{doc['command']}`\n"
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel "
-        f"{m['kernel']}, THP `{m['thp_enabled']}` / defrag `{m['thp_defrag']}`\n"
+        f"{m['kernel']}, THP `{m['thp_enabled']}` / defrag `{m['thp_defrag']}`; load average "
+        f"{m.get('loadavg_start', '?')} at start, {m.get('loadavg', '?')} at end\n"
         f"- software: Python {m['python']}, mlx {m['mlx']}, numpy {m['numpy']}, "
         f"asyncweights {m['asyncweights']} at `{m['commit']}`\n"
         "- every figure is the median over runs (each a fresh process); ratios are ratios of "
-        "median GB/s in the same cache state; `RSS-model` is the peak RSS (VmHWM) minus the "
-        "tensor bytes"
+        "median GB/s in the same cache state; peak RSS is VmHWM (interpreter and imports "
+        "included)"
     )
     parts = [facts]
     if chart:
@@ -345,7 +350,7 @@ def write_chart(doc: Doc, path: Path) -> Path:
 
     panels = [(m, c) for m in ("big", "small") for c in ("warm", "cold")
               if any(_group(doc, m, c, s) for s in LOADERS)]  # fmt: skip
-    fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(9, 2.6 * max(1, len(panels))))
+    fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(12, 2.6 * max(1, len(panels))))
     axes_list = list(axes) if len(panels) > 1 else [axes]
     for ax, (model, condition) in zip(axes_list, panels, strict=False):
         names, med, lo, hi, colors = [], [], [], [], []
@@ -375,9 +380,9 @@ def write_chart(doc: Doc, path: Path) -> Path:
         ax.set_xlim(0, top * 1.1)
         ax.set_title(f"{model}, {condition}", fontsize=10, loc="left")
         ax.set_xlabel("GB/s (median of runs; whiskers min-max)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"asyncweights benchmark, {doc['machine']['date']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -81,12 +81,13 @@ def machine_facts() -> dict[str, Any]:
         "memory_gib": round(int(mem) / 2**20, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "mlx": mx.__version__,
+        "mlx": getattr(mx, "__version__", "?"),
         "numpy": np.__version__,
-        "asyncweights": asyncweights.__version__,
+        "asyncweights": getattr(asyncweights, "__version__", "?"),
         "commit": commit,
         "thp_enabled": read("/sys/kernel/mm/transparent_hugepage/enabled"),
         "thp_defrag": read("/sys/kernel/mm/transparent_hugepage/defrag"),
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -160,7 +161,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="raw runs + machine facts (OUT/runs.json)")
     parser.add_argument("--readme", action="store_true", help="put the results in bench/README.md")
     parser.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    parser.add_argument("--from-json", type=Path, help="rebuild the reports from a runs.json")
     args = parser.parse_args()
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        out = args.out or args.from_json.parent
+        publish(doc, out, args.json or args.from_json, args.readme)
+        return
     if args.strategies:
         unknown = set(args.strategies.split(",")) - set(STRATEGIES)
         if unknown:
@@ -175,6 +182,7 @@ def main() -> None:
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     runs = plan_runs(args)
+    loadavg_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     results = []
     started = time.monotonic()
     for i, (model, condition, strategy, rep) in enumerate(runs):
@@ -191,18 +199,23 @@ def main() -> None:
     doc = {
         "command": command,
         "elapsed_s": time.monotonic() - started,
-        "machine": machine_facts(),
+        "machine": machine_facts() | {"loadavg_start": loadavg_start},
         "size": {"tag": size.tag, "scale": size.scale, "small_blocks": size.small_blocks},
         "models": {k: _model_facts(p) for k, p in models.items()},
         "runs": results,
     }
+    publish(doc, out, json_file, args.readme)
+
+
+def publish(doc: dict[str, Any], out: Path, json_file: Path, readme: bool) -> None:
+    """Summarize, then write the JSON, the Markdown report, the chart; print the tables."""
+    out.mkdir(parents=True, exist_ok=True)
     doc["summary"] = summarize(doc)
     json_file.write_text(json.dumps(doc, indent=1))
     markdown = write_markdown(doc, out / "report.md")
     chart = write_chart(doc, out / "throughput.png")
-    if args.readme:
+    if readme:
         write_readme_results(HERE / "README.md", markdown, chart)
-
     print(terminal_table(doc))
     print(f"\nraw runs: {json_file}\nreport: {out / 'report.md'}\nchart: {chart}")
 
