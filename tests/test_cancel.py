@@ -15,6 +15,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,14 +158,20 @@ async def _load(store: Path, **kwargs: Any) -> dict[str, mx.array]:
 
 async def _stream(store: Path, **kwargs: Any) -> dict[str, mx.array]:
     out: dict[str, mx.array] = {}
-    try:
+
+    async def consume() -> None:
         async with aw.stream_weights(MODEL, store=store, limits=LIMITS, **kwargs) as tensors:
             async for tensor in tensors:
                 out[tensor.name] = tensor.array
-    except BaseException:
-        # The tensors this consumer took are its own; drop them so that the memory check
-        # sees only what the library might have kept (a traceback keeps this frame alive).
+
+    try:
+        await consume()
+    except BaseException as exc:
+        # The tensors this consumer took are its own; drop them (and the finished frames
+        # that held them) so that the memory check sees only what the library might keep:
+        # on asyncio a traceback can outlive the cancellation.
         out.clear()
+        traceback.clear_frames(exc.__traceback__)
         raise
     return out
 

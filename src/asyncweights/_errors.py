@@ -114,7 +114,10 @@ class AsyncWeightsError(Exception):
 def _rebuild(
     cls: type[AsyncWeightsError], reason: str, state: dict[str, object], errno: int | None
 ) -> AsyncWeightsError:
-    err = cls.__new__(cls)
+    try:
+        err = cls.__new__(cls)
+    except TypeError:  # MemoryError's __new__ refuses subclasses ("not safe")
+        err = Exception.__new__(cls)
     Exception.__init__(err, reason)
     err.__dict__.update(state)
     err.errno = errno

@@ -75,6 +75,8 @@ class BlobHeader:
     data_start: int
     entries: dict[str, TensorEntry]
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the validated prefix and header bytes, so a later read can prove it sees the same file
+    raw: bytes = b""
 
 
 class _Invalid(Exception):
@@ -142,7 +144,13 @@ def _parse(raw: bytes, file_size: int) -> BlobHeader:
         if covered > data_len:
             raise _Invalid(f"data_offsets end at {covered}, past the {data_len}-byte data section")
         raise _Invalid(f"{data_len - covered} trailing bytes after the last tensor")
-    return BlobHeader(file_size=file_size, data_start=8 + n, entries=entries, metadata=metadata)
+    return BlobHeader(
+        file_size=file_size,
+        data_start=8 + n,
+        entries=entries,
+        metadata=metadata,
+        raw=bytes(raw[: 8 + n]),
+    )
 
 
 def _decode_json(text: bytes) -> Any:

@@ -11,8 +11,10 @@ open files as well as bytes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import anyio.to_thread
 import mlx.core as mx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import AsyncWeightsError, LoadError, first_error
+from ._errors import AsyncWeightsError, BudgetError, LoadError, first_error
 from ._limits import Limits
 from ._manifest import Manifest
 from ._model import Model
@@ -81,14 +83,18 @@ async def load_weights(
     """
     arrays: dict[str, mx.array] = {}
     info: dict[str, TensorInfo] = {}
-    async with _pipeline(model, component, store, dtype, verify, on_progress, limits) as (
-        plan,
-        groups,
-    ):
-        async for loaded in groups:
-            for tensor in loaded.tensors:
-                arrays[tensor.name] = tensor.array
-                info[tensor.name] = tensor.info
+    try:
+        async with _pipeline(model, component, store, dtype, verify, on_progress, limits) as (
+            plan,
+            groups,
+        ):
+            await _collect(groups, arrays, info)
+    except BaseException as exc:
+        # A traceback that outlives the load (asyncio keeps some) must not pin its arrays.
+        arrays.clear()
+        info.clear()
+        traceback.clear_frames(exc.__traceback__)
+        raise
     order = [t.name for blob in plan.blobs for t in blob.tensors]
     return Weights(
         {name: arrays[name] for name in order},
@@ -97,6 +103,15 @@ async def load_weights(
         component=plan.component,
         quantization=plan.quantization,
     )
+
+
+async def _collect(
+    groups: _Groups, arrays: dict[str, mx.array], info: dict[str, TensorInfo]
+) -> None:
+    async for loaded in groups:
+        for tensor in loaded.tensors:
+            arrays[tensor.name] = tensor.array
+            info[tensor.name] = tensor.info
 
 
 @asynccontextmanager
@@ -120,7 +135,11 @@ async def stream_weights(
         _,
         groups,
     ):
-        yield _Tensors(groups)
+        tensors = _Tensors(groups)
+        try:
+            yield tensors
+        finally:
+            tensors.clear()  # a reference kept after the block must not pin the arrays
 
 
 def _info(tensor: PlannedTensor, array: mx.array) -> TensorInfo:
@@ -160,6 +179,7 @@ async def _pipeline(
     model = await open_model(model_ref, store)
     reporter = ProgressReporter(on_progress, limits.progress_interval, model.label)
     send, receive = anyio.create_memory_object_stream[_Loaded](limits.buffered_groups)
+    consumer_error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(reporter.run)
@@ -173,16 +193,31 @@ async def _pipeline(
             tg.start_soon(_produce, plan, dtype, verify, limits, send)
             try:
                 yield plan, groups
+            except Exception as exc:
+                # The consumer's own error: stop the load and re-raise it unwrapped below,
+                # not inside the task group's ExceptionGroup.
+                consumer_error = exc
             finally:
                 if not groups.finished:
                     # Left early, or the consumer failed: stop the workers and the reporter.
                     tg.cancel_scope.cancel()
                     reporter.close(None)
     except* AsyncWeightsError as group:
-        raise first_error(group) from None
+        error = first_error(group)
+        raise error from error.__cause__
     finally:
         send.close()
-        receive.close()
+        _drain(receive)
+    if consumer_error is not None:
+        raise consumer_error
+
+
+def _drain(receive: MemoryObjectReceiveStream[_Loaded]) -> None:
+    """Drop evaluated groups still buffered, then close: the iterator may outlive the load."""
+    with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+        while True:
+            receive.receive_nowait()
+    receive.close()
 
 
 class _Groups:
@@ -246,6 +281,9 @@ class _Tensors:
     def __aiter__(self) -> _Tensors:
         return self
 
+    def clear(self) -> None:
+        self._pending = []
+
     async def __anext__(self) -> Tensor:
         while not self._pending:
             self._pending = list(reversed((await self._groups.__anext__()).tensors))
@@ -260,13 +298,21 @@ async def _produce(
     send: MemoryObjectSendStream[_Loaded],
 ) -> None:
     indices = iter(range(len(plan.groups)))
+    direct_max = limits.direct_read_bytes
+
+    def load(index: int, box: list[_Loaded]) -> None:
+        box.append(_load_group(plan.groups[index], dtype, verify, plan.model, direct_max))
 
     async def worker() -> None:
         for index in indices:  # shared: each worker takes the next group not yet taken
-            loaded = await anyio.to_thread.run_sync(
-                _load_group, plan.groups[index], dtype, verify, plan.model, limits.direct_read_bytes
-            )
-            await send.send(loaded)
+            # The result travels in a box we empty ourselves: an idle worker thread keeps
+            # its last return value alive, and a cancelled load must not pin a group.
+            box: list[_Loaded] = []
+            try:
+                await anyio.to_thread.run_sync(load, index, box)
+                await send.send(box[0])
+            finally:
+                box.clear()
 
     async with send, anyio.create_task_group() as tg:
         for _ in range(min(limits.workers, len(plan.groups))):
@@ -279,6 +325,25 @@ def _load_group(
     """Load and evaluate one group of blobs (runs in a worker thread; blocking)."""
     loaded: list[tuple[PlannedTensor, mx.array]] = []
     lazy: list[BlobPlan] = []
+    try:
+        return _load_group_into(loaded, lazy, group, dtype, verify, model, direct_max)
+    except BaseException as exc:
+        # The traceback keeps the frames below alive, and with them lazy arrays that hold
+        # their blob files open: drop them so MLX closes the files now.
+        loaded.clear()
+        traceback.clear_frames(exc.__traceback__)
+        raise
+
+
+def _load_group_into(
+    loaded: list[tuple[PlannedTensor, mx.array]],
+    lazy: list[BlobPlan],
+    group: list[BlobPlan],
+    dtype: mx.Dtype | None,
+    verify: bool,
+    model: str,
+    direct_max: int,
+) -> _Loaded:
     for blob in group:
         if blob.header.file_size <= direct_max:
             arrays = read_direct(blob, model, verify=verify)
@@ -301,6 +366,8 @@ def _load_group(
         mx.eval([array for _, array in loaded])
     except RuntimeError as exc:
         only = lazy[0] if len(lazy) == 1 else None
+        if "Unable to allocate" in str(exc):
+            raise BudgetError(f"out of memory evaluating tensors: {exc}", model=model) from exc
         raise LoadError(
             f"reading tensors failed: {exc}",
             model=model,

@@ -73,9 +73,12 @@ class Model:
         Raises:
             ConfigNotFoundError: no such layer; BlobMissingError: its blob is absent.
         """
+        return await self._read_blob(self._config_layer(name), what=f"config {name!r}")
+
+    def _config_layer(self, name: str) -> Layer:
         for layer in self.manifest.json_layers:
             if layer.name == name:
-                return await self._read_blob(layer, what=f"config {name!r}")
+                return layer
         raise ConfigNotFoundError(f"config {name!r} not found in manifest", model=self.label)
 
     async def read_config(self, name: str) -> Any:
@@ -84,13 +87,18 @@ class Model:
         Raises:
             ConfigNotFoundError: no such layer. ManifestError: the layer is not valid JSON.
         """
-        data = await self.read_config_bytes(name)
+        layer = self._config_layer(name)
+        data = await self._read_blob(layer, what=f"config {name!r}")
         try:
             return _JSON_DECODER.decode(data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
             raise ManifestError(
-                f"config {name!r} is not valid JSON: {exc}", model=self.label
-            ) from exc
+                f"config {name!r} is not valid JSON: {reason}",
+                model=self.label,
+                digest=layer.digest,
+                path=self.store.blob_path(layer.digest),
+            ) from None
 
     async def config(self) -> ModelConfig:
         """The model's config blob (Ollama's ConfigV2), decoded once."""

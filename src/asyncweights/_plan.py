@@ -128,6 +128,7 @@ async def _read_headers(
     model: Model, layers: list[Layer], paths: dict[str, str], limits: Limits
 ) -> dict[str, BlobHeader]:
     sizes = {layer.digest: layer.size for layer in layers}
+    names = {layer.digest: layer.name for layer in reversed(layers)}  # the first layer's name
     digests = list(sizes)
     headers: dict[str, BlobHeader] = {}
     batches = [
@@ -141,13 +142,13 @@ async def _read_headers(
             try:
                 headers[digest] = read_header(path, expected_size=sizes[digest])
             except AsyncWeightsError as exc:
-                tensor = next((x.name for x in layers if x.digest == digest), None)
-                exc.add_context(model=model.label, digest=digest, path=path, tensor=tensor)
+                exc.add_context(model=model.label, digest=digest, path=path, tensor=names[digest])
                 raise
             except OSError as exc:
                 raise LoadError(
                     f"cannot read blob header: {exc.strerror}",
                     model=model.label,
+                    tensor=names[digest],
                     digest=digest,
                     path=path,
                     errno=exc.errno,
@@ -188,7 +189,14 @@ def _name_tensors(
         else:
             if (layer.digest, layer_comp) in seen:
                 continue
-            names = [(_namespaced(n, layer_comp), key) for n, key in _remap(keys).items()]
+            try:
+                remapped = _remap(keys)
+            except _Collision as exc:
+                raise DuplicateTensorError(
+                    exc.reason, model=label, tensor=exc.name, digest=layer.digest,
+                    path=paths[layer.digest],
+                ) from None  # fmt: skip
+            names = [(_namespaced(n, layer_comp), key) for n, key in remapped.items()]
         seen.add((layer.digest, layer_comp))
         blob = blobs.get(layer.digest)
         if blob is None:
@@ -213,21 +221,34 @@ def _name_tensors(
     return list(blobs.values())
 
 
+class _Collision(Exception):
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(reason)
+        self.name = name
+        self.reason = reason
+
+
 def _remap(keys: list[str]) -> dict[str, str]:
     """Map blob keys to in-memory names: ``X.scale`` → ``X_scale``, ``X.bias`` → ``X_qbias``.
 
     A ``.bias`` is a quantization bias only when the same blob has the matching ``.scale``
     (FORMAT.md §5.2, the HEAD rule), so real layer biases keep their names.
+
+    Raises:
+        _Collision: two keys map to one name (e.g. ``w.scale`` and a literal ``w_scale``).
     """
     present = set(keys)
     out: dict[str, str] = {}
     for key in keys:
         if key.endswith(".scale"):
-            out[key[: -len(".scale")] + "_scale"] = key
+            name = key[: -len(".scale")] + "_scale"
         elif key.endswith(".bias") and key[: -len(".bias")] + ".scale" in present:
-            out[key[: -len(".bias")] + "_qbias"] = key
+            name = key[: -len(".bias")] + "_qbias"
         else:
-            out[key] = key
+            name = key
+        if name in out:
+            raise _Collision(name, f"keys {out[name]!r} and {key!r} both load as {name!r}")
+        out[name] = key
     return out
 
 

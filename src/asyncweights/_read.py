@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from typing import Literal
 
 import mlx.core as mx
 
-from ._errors import BlobError, DigestMismatchError, LoadError
+from ._errors import BlobError, BlobMissingError, DigestMismatchError, LoadError
 from ._plan import BlobPlan
 
 __all__ = ["read_direct", "read_lazy", "verify_file"]
@@ -49,18 +50,15 @@ def read_direct(blob: BlobPlan, model: str, *, verify: bool) -> dict[str, mx.arr
     try:
         fd = os.open(blob.path, _O_FLAGS)
         try:
+            actual = os.fstat(fd).st_size
             data = _pread_all(fd, size)
         finally:
             os.close(fd)
     except OSError as exc:
-        raise LoadError(
-            f"cannot read blob: {exc.strerror}",
-            model=model,
-            digest=blob.digest,
-            path=blob.path,
-            errno=exc.errno,
-        ) from exc
-    if len(data) != size or int.from_bytes(data[:8], "little") + 8 != blob.header.data_start:
+        raise _os_error(exc, blob, model) from exc
+    header = blob.header
+    if actual != size or len(data) != size or data[: header.data_start] != header.raw:
+        # Not the file whose header was validated: never load bytes nobody checked.
         raise BlobError(
             "blob changed while loading", model=model, digest=blob.digest, path=blob.path
         )
@@ -93,6 +91,15 @@ def _pread_all(fd: int, size: int) -> bytearray:
     return data if done == size else data[:done]
 
 
+def _os_error(exc: OSError, blob: BlobPlan, model: str) -> LoadError | BlobMissingError:
+    cls = BlobMissingError if exc.errno == errno.ENOENT else LoadError
+    what = "blob file is missing" if cls is BlobMissingError else "cannot read blob"
+    return cls(
+        f"{what}: {exc.strerror}", model=model, digest=blob.digest, path=blob.path,
+        errno=exc.errno,
+    )  # fmt: skip
+
+
 def read_lazy(blob: BlobPlan, model: str) -> dict[str, mx.array]:
     """Open a blob with ``mx.load``: arrays are read when evaluated, in MLX's thread pool."""
     path = os.fspath(blob.path)
@@ -100,21 +107,22 @@ def read_lazy(blob: BlobPlan, model: str) -> dict[str, mx.array]:
         loaded = mx.load(path, format="safetensors")
     except RuntimeError as exc:
         # MLX's message has no errno: open the file ourselves to learn the real cause.
-        errno = None
         try:
             os.close(os.open(path, _O_FLAGS))
         except OSError as os_exc:
-            errno = os_exc.errno
-        cls = BlobError if errno is None else LoadError
-        raise cls(
-            f"cannot open blob: {exc}", model=model, digest=blob.digest, path=blob.path,
-            errno=errno,
-        ) from exc  # fmt: skip
+            raise _os_error(os_exc, blob, model) from exc
+        raise BlobError(
+            f"cannot open blob: {exc}", model=model, digest=blob.digest, path=blob.path
+        ) from exc
     assert isinstance(loaded, dict)
     arrays: dict[str, mx.array] = loaded
     for tensor in blob.tensors:
         array = arrays.get(tensor.key)
-        if array is None or tuple(array.shape) != tensor.entry.shape:
+        if (
+            array is None
+            or tuple(array.shape) != tensor.entry.shape
+            or array.dtype != _VIEWS[tensor.entry.dtype][1]
+        ):
             raise BlobError(
                 "blob changed while loading", model=model, tensor=tensor.name,
                 digest=blob.digest, path=blob.path,
