@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import asyncweights as aw
-from asyncweights._import import SourceError
+from asyncweights import SourceError
 
 BF16 = ml_dtypes.bfloat16
 

@@ -16,12 +16,14 @@ from ._errors import ConfigNotFoundError as ConfigNotFoundError
 from ._errors import DigestMismatchError as DigestMismatchError
 from ._errors import DuplicateTensorError as DuplicateTensorError
 from ._errors import HeaderError as HeaderError
+from ._errors import InvalidDigestError as InvalidDigestError
 from ._errors import InvalidNameError as InvalidNameError
 from ._errors import LoadError as LoadError
 from ._errors import ManifestError as ManifestError
 from ._errors import ModelNotFoundError as ModelNotFoundError
 from ._errors import QuantizationError as QuantizationError
 from ._errors import SizeMismatchError as SizeMismatchError
+from ._errors import SourceError as SourceError
 from ._errors import UnsupportedDTypeError as UnsupportedDTypeError
 from ._import import import_model as import_model
 from ._limits import Limits as Limits
@@ -51,6 +53,7 @@ __all__ = [
     "DigestMismatchError",
     "DuplicateTensorError",
     "HeaderError",
+    "InvalidDigestError",
     "InvalidNameError",
     "Layer",
     "Limits",
@@ -66,6 +69,7 @@ __all__ = [
     "Quantization",
     "QuantizationError",
     "SizeMismatchError",
+    "SourceError",
     "Tensor",
     "TensorInfo",
     "UnsupportedDTypeError",

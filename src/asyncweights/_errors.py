@@ -18,6 +18,7 @@ Every error the library raises on purpose derives from `AsyncWeightsError`:
     ├── DuplicateTensorError        two blobs define the same tensor name
     ├── QuantizationError           a quantized weight whose facts do not add up
     ├── BudgetError                 a load larger than the configured memory budget
+    ├── SourceError                 an import's source directory is missing or no model
     └── LoadError                   reading or evaluating tensors failed (I/O, callbacks)
 
 Messages are built from the stored fields, so the model, tensor, digest and file a
@@ -47,6 +48,7 @@ __all__ = [
     "ModelNotFoundError",
     "QuantizationError",
     "SizeMismatchError",
+    "SourceError",
     "UnsupportedDTypeError",
 ]
 
@@ -194,6 +196,10 @@ class QuantizationError(AsyncWeightsError):
 
 class BudgetError(AsyncWeightsError, MemoryError):
     """A load needs more memory than the configured budget allows."""
+
+
+class SourceError(AsyncWeightsError):
+    """The source directory of an import is missing, empty or not a model layout."""
 
 
 class LoadError(AsyncWeightsError):

@@ -26,7 +26,7 @@ import anyio.to_thread
 import mlx.core as mx
 import msgspec
 
-from ._errors import AsyncWeightsError, DuplicateTensorError, first_error
+from ._errors import AsyncWeightsError, DuplicateTensorError, SourceError, first_error
 from ._header import TensorEntry, read_header
 from ._limits import Limits
 from ._model import Model
@@ -48,7 +48,7 @@ from ._writer import (
 )
 from .testing import QuantParams, quant_params, quantize_array
 
-__all__ = ["SourceError", "import_model", "write_quantized"]
+__all__ = ["import_model", "write_quantized"]
 
 ImportLayout: TypeAlias = Literal["named", "data"]
 COMPONENTS = ("text_encoder", "transformer", "vae")
@@ -72,10 +72,6 @@ _FLOATS = frozenset({"F16", "BF16", "F32"})
 _SKIP = ("embed", "norm", "ln_")
 _CHUNK = 8 << 20
 _json = msgspec.json.Decoder()
-
-
-class SourceError(AsyncWeightsError):
-    """The source directory of an import is missing, empty or not a model layout."""
 
 
 @dataclass(frozen=True, slots=True)
