@@ -983,7 +983,15 @@ async def test_permission_denied_on_blob_open(
 
 # --------------------------------------------------------------- faults: files change mid-load
 
-_SMALL = aw.Limits(workers=1, max_open_files=1, group_bytes=1, buffered_groups=0)
+# prefetch_bytes=0: small blobs are read again at load time, so faults there are reached.
+_SMALL = aw.Limits(
+    workers=1, max_open_files=1, group_bytes=1, buffered_groups=0, prefetch_bytes=0
+)
+
+
+def _reread(direct: bool) -> aw.Limits:
+    """Blobs read again at load time: directly (nothing kept from planning) or by mx.load."""
+    return aw.Limits(direct_read_bytes=1 << 20 if direct else 0, prefetch_bytes=0)
 
 
 def _between_plan_and_load(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
@@ -1004,7 +1012,7 @@ async def test_blob_deleted_between_planning_and_loading(
     model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3,), "c": (4,)}))
     layer = model.layers[1]
     _between_plan_and_load(monkeypatch, blob_path(store_root, layer.digest).unlink)
-    limits = aw.Limits(direct_read_bytes=1 << 20 if direct else 0)
+    limits = _reread(direct)
     exc = await fails(
         aw.BlobMissingError, store_root, *names_blob(store_root, layer), limits=limits
     )
@@ -1023,7 +1031,7 @@ async def test_blob_replaced_by_another_shape_between_planning_and_loading(
     )
     replacement = blob_path(store_root.parent / "other", other.digest)
     _between_plan_and_load(monkeypatch, lambda: os.replace(replacement, path))
-    limits = aw.Limits(direct_read_bytes=1 << 20 if direct else 0)
+    limits = _reread(direct)
     await fails(
         aw.BlobError,
         store_root,
@@ -1047,9 +1055,21 @@ async def test_blob_rewritten_same_shape_is_caught_by_verify(
         path.write_bytes(bytes(data))
 
     _between_plan_and_load(monkeypatch, flip)
-    limits = aw.Limits(direct_read_bytes=1 << 20 if direct else 0)
+    limits = _reread(direct)
     fragments = ("blob bytes hash to sha256:", *names_blob(store_root, layer))
     await fails(aw.DigestMismatchError, store_root, *fragments, verify=True, limits=limits)
+
+
+async def test_small_blob_changed_after_planning_loads_the_bytes_validated(
+    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Planning reads small blobs whole and keeps them: what loads is what was validated,
+    # whatever happens to the file afterwards.
+    model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3, 4)}))
+    paths = [blob_path(store_root, layer.digest) for layer in model.layers[:2]]
+    _between_plan_and_load(monkeypatch, lambda: [p.unlink() for p in paths])
+    weights = await aw.load_weights(MODEL, store=store_root, verify=True)
+    assert_bit_exact(weights, model.expected)
 
 
 # ------------------------------------------------------------------------ faults: I/O errors

@@ -232,7 +232,7 @@ def _entry(key: str, value: Any) -> TensorEntry:
     return TensorEntry(key, dtype, tuple(shape), begin, end)
 
 
-_FIRST_READ = 64 * 1024  # most headers are a few hundred bytes: one read fetches them
+_FIRST_READ = 4096  # most headers are a few hundred bytes: one read fetches them
 
 
 def read_header(path: str | os.PathLike[str], *, expected_size: int | None) -> BlobHeader:
@@ -244,25 +244,47 @@ def read_header(path: str | os.PathLike[str], *, expected_size: int | None) -> B
         SizeMismatchError: the file's size differs from `expected_size`.
         HeaderError: the header breaks a rule; OSError for other I/O failures.
     """
+    return read_blob_head(path, expected_size=expected_size, whole_upto=0)[0]
+
+
+def read_blob_head(
+    path: str | os.PathLike[str], *, expected_size: int | None, whole_upto: int
+) -> tuple[BlobHeader, bytes | None]:
+    """Like `read_header`; a blob of at most `whole_upto` bytes is read whole, in one call.
+
+    Returns:
+        The validated header, and the whole file's bytes when it was read whole (its header
+        is the one validated: the data can be loaded later without opening the file again).
+    """
     key = os.fspath(path)
     try:
         # O_NONBLOCK: opening a FIFO planted in blobs/ must not wait for a writer.
         fd = os.open(key, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
         raise BlobMissingError("blob file is missing", path=path, errno=exc.errno) from None
+    data: bytes | None = None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise BlobError("blob is not a regular file", path=path)
+        if expected_size is not None and st.st_size != expected_size:
+            raise SizeMismatchError(
+                f"blob is {st.st_size} bytes but the manifest says {expected_size}", path=path
+            )
         signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         cached = _CACHE.get(key, signature)
-        if cached is not None:
+        if st.st_size <= whole_upto:
+            data = _pread_exact(fd, st.st_size, 0)
+            if len(data) != st.st_size:
+                raise BlobError("blob shrank while being read", path=path)
+            if cached is not None and data[: cached.data_start] == cached.raw:
+                header = cached
+            else:
+                header = parse_header(data, len(data))
+                _CACHE.put(key, signature, header)
+        elif cached is not None:
             header = cached
         else:
-            if expected_size is not None and st.st_size != expected_size:
-                raise SizeMismatchError(
-                    f"blob is {st.st_size} bytes but the manifest says {expected_size}", path=path
-                )
             raw = os.pread(fd, _FIRST_READ, 0)
             if len(raw) >= 8:
                 n = int.from_bytes(raw[:8], "little")
@@ -272,11 +294,7 @@ def read_header(path: str | os.PathLike[str], *, expected_size: int | None) -> B
             _CACHE.put(key, signature, header)
     finally:
         os.close(fd)
-    if expected_size is not None and header.file_size != expected_size:
-        raise SizeMismatchError(
-            f"blob is {header.file_size} bytes but the manifest says {expected_size}", path=path
-        )
-    return header
+    return header, data
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:

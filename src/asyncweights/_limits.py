@@ -26,6 +26,8 @@ class Limits:
         direct_read_bytes: blobs up to this size are read whole with one ``pread`` and
             copied into MLX arrays (fast for small tensors); larger ones go through
             ``mx.load``, which reads straight into fresh MLX buffers.
+        prefetch_bytes: small blobs read whole while planning are kept for the load (so they
+            are opened once), up to this many bytes in all; the rest are read again later.
         max_bytes: refuse a load whose tensors exceed this many bytes, before reading any.
         progress_interval: seconds between progress events (first and last always sent).
     """
@@ -36,6 +38,7 @@ class Limits:
     buffered_groups: int = 1
     header_batch: int = 64
     direct_read_bytes: int = 64 * 1024
+    prefetch_bytes: int = 256 * MiB
     max_bytes: int | None = None
     progress_interval: float = 0.1
 

@@ -25,7 +25,7 @@ from ._errors import (
     QuantizationError,
     first_error,
 )
-from ._header import BlobHeader, TensorEntry, read_header
+from ._header import BlobHeader, TensorEntry, read_blob_head
 from ._limits import Limits
 from ._manifest import Layer
 from ._model import Model
@@ -59,6 +59,8 @@ class BlobPlan:
     tensors: list[PlannedTensor] = field(default_factory=list)
     #: bytes of the distinct tensors taken from the blob (set once planning is done)
     nbytes: int = 0
+    #: the whole file, when planning read it whole (small blobs): loaded without reopening
+    data: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -97,8 +99,10 @@ async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan
     elif not layers:
         raise ComponentNotFoundError("", [], model=model.label)
     paths = _blob_paths(model, layers)
-    headers = await _read_headers(model, layers, paths, limits)
+    headers, contents = await _read_headers(model, layers, paths, limits)
     blobs = _name_tensors(model.label, component, layers, headers, paths)
+    for blob in blobs:
+        blob.data = contents.get(blob.digest)
     hint_label, hint_group = await _model_hints(model)
     quantization = _resolve_quantization(model.label, blobs, hint_label, hint_group)
     plan = Plan(model.label, component, blobs, quantization, [])
@@ -126,11 +130,14 @@ def _blob_paths(model: Model, layers: list[Layer]) -> dict[str, str]:
 
 async def _read_headers(
     model: Model, layers: list[Layer], paths: dict[str, str], limits: Limits
-) -> dict[str, BlobHeader]:
+) -> tuple[dict[str, BlobHeader], dict[str, bytes]]:
+    """Every distinct blob's validated header; small blobs are read whole, up to a budget."""
     sizes = {layer.digest: layer.size for layer in layers}
     names = {layer.digest: layer.name for layer in reversed(layers)}  # the first layer's name
     digests = list(sizes)
     headers: dict[str, BlobHeader] = {}
+    contents: dict[str, bytes] = {}
+    budget = [limits.prefetch_bytes]  # shared by the batches; a rough bound is enough
     batches = [
         digests[i : i + limits.header_batch] for i in range(0, len(digests), limits.header_batch)
     ]
@@ -140,7 +147,13 @@ async def _read_headers(
         for digest in batch:
             path = paths[digest]
             try:
-                headers[digest] = read_header(path, expected_size=sizes[digest])
+                whole = limits.direct_read_bytes if budget[0] >= sizes[digest] else 0
+                headers[digest], data = read_blob_head(
+                    path, expected_size=sizes[digest], whole_upto=whole
+                )
+                if data is not None:
+                    contents[digest] = data
+                    budget[0] -= len(data)
             except AsyncWeightsError as exc:
                 exc.add_context(model=model.label, digest=digest, path=path, tensor=names[digest])
                 raise
@@ -163,7 +176,7 @@ async def _read_headers(
                 tg.start_soon(run, batch)
     except* AsyncWeightsError as group:
         raise first_error(group) from None
-    return headers
+    return headers, contents
 
 
 def _name_tensors(

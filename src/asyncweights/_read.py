@@ -45,7 +45,35 @@ _O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
 def read_direct(blob: BlobPlan, model: str, *, verify: bool) -> dict[str, mx.array]:
-    """Read a whole (small) blob with one call and build its arrays from those bytes."""
+    """Build a small blob's arrays from its bytes: those planning read, else read now."""
+    data: bytes | bytearray | None = blob.data
+    blob.data = None  # loaded once; the arrays below own copies
+    if data is None:
+        data = _read_again(blob, model)
+    if verify:
+        _check_digest(hashlib.sha256(data), blob, model)
+    view = memoryview(data)
+    arrays: dict[str, mx.array] = {}
+    start = blob.header.data_start
+    for tensor in blob.tensors:
+        if tensor.key in arrays:
+            continue
+        entry = tensor.entry
+        fmt, dtype = _VIEWS[entry.dtype]
+        # The buffer arrives with its shape; only dtypes the buffer protocol cannot spell
+        # (bfloat16, float16, complex64) need a view. MLX copies the bytes.
+        part = view[start + entry.begin : start + entry.end]
+        # MLX copies any buffer-protocol object (its stubs list none, hence the ignores).
+        if entry.shape and all(entry.shape):
+            raw = mx.array(part.cast(fmt, entry.shape))  # type: ignore[arg-type]
+        else:  # memoryview cannot cast to a scalar or an empty shape
+            raw = mx.array(part.cast(fmt)).reshape(entry.shape)  # type: ignore[arg-type]
+        arrays[tensor.key] = raw if raw.dtype == dtype else raw.view(dtype)
+    return arrays
+
+
+def _read_again(blob: BlobPlan, model: str) -> bytearray:
+    """Read a small blob whole, proving it is still the file whose header was validated."""
     size = blob.header.file_size
     try:
         fd = os.open(blob.path, _O_FLAGS)
@@ -62,20 +90,7 @@ def read_direct(blob: BlobPlan, model: str, *, verify: bool) -> dict[str, mx.arr
         raise BlobError(
             "blob changed while loading", model=model, digest=blob.digest, path=blob.path
         )
-    if verify:
-        _check_digest(hashlib.sha256(data), blob, model)
-    view = memoryview(data)
-    arrays: dict[str, mx.array] = {}
-    start = blob.header.data_start
-    for tensor in blob.tensors:
-        if tensor.key in arrays:
-            continue
-        entry = tensor.entry
-        fmt, dtype = _VIEWS[entry.dtype]
-        # MLX copies any buffer-protocol object; its stubs only list arrays and lists.
-        raw = mx.array(view[start + entry.begin : start + entry.end].cast(fmt))  # type: ignore[arg-type]
-        arrays[tensor.key] = (raw if raw.dtype == dtype else raw.view(dtype)).reshape(entry.shape)
-    return arrays
+    return data
 
 
 def _pread_all(fd: int, size: int) -> bytearray:
