@@ -984,9 +984,7 @@ async def test_permission_denied_on_blob_open(
 # --------------------------------------------------------------- faults: files change mid-load
 
 # prefetch_bytes=0: small blobs are read again at load time, so faults there are reached.
-_SMALL = aw.Limits(
-    workers=1, max_open_files=1, group_bytes=1, buffered_groups=0, prefetch_bytes=0
-)
+_SMALL = aw.Limits(workers=1, max_open_files=1, group_bytes=1, buffered_groups=0, prefetch_bytes=0)
 
 
 def _reread(direct: bool) -> aw.Limits:
