@@ -117,13 +117,13 @@ async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan
 
 def _blob_paths(model: Model, layers: list[Layer]) -> dict[str, str]:
     # Plain strings: pathlib costs ~10 us a path, which adds up over thousands of blobs.
-    blobs_dir = os.fspath(model.store.blobs_dir)
+    prefix = os.path.join(os.fspath(model.store.blobs_dir), "")
     paths: dict[str, str] = {}
     for layer in layers:
         if layer.digest not in paths:
             try:
-                paths[layer.digest] = os.path.join(blobs_dir, blob_file_name(layer.digest))
-            except ValueError as exc:  # only a Manifest built by hand can get here
+                paths[layer.digest] = prefix + blob_file_name(layer.digest)
+            except ValueError as exc:  # only a Layer changed after it was made can get here
                 raise ManifestError(str(exc), model=model.label, tensor=layer.name) from None
     return paths
 
@@ -192,8 +192,8 @@ def _name_tensors(
     for layer in layers:
         layer_comp = layer.name.split("/", 1)[0] if layer.name and "/" in layer.name else None
         header = headers[layer.digest]
-        keys = list(header.entries)
-        if keys == ["data"]:
+        entries = header.entries
+        if len(entries) == 1 and "data" in entries:
             if not layer.name:
                 raise HeaderError(
                     "a 'data' blob needs a layer name", model=label, digest=layer.digest
@@ -203,7 +203,7 @@ def _name_tensors(
             if (layer.digest, layer_comp) in seen:
                 continue
             try:
-                remapped = _remap(keys)
+                remapped = _remap(entries)
             except _Collision as exc:
                 raise DuplicateTensorError(
                     exc.reason, model=label, tensor=exc.name, digest=layer.digest,
@@ -228,9 +228,12 @@ def _name_tensors(
                 )
             owner[logical] = (layer.digest, key)
             name = logical[len(component) + 1 :] if component else logical
-            blob.tensors.append(PlannedTensor(name, key, header.entries[key], layer.digest))
+            blob.tensors.append(PlannedTensor(name, key, entries[key], layer.digest))
     for blob in blobs.values():
-        blob.nbytes = sum({t.key: t.entry.nbytes for t in blob.tensors}.values())
+        if len(blob.header.entries) == 1:
+            blob.nbytes = blob.tensors[0].entry.nbytes
+        else:
+            blob.nbytes = sum({t.key: t.entry.nbytes for t in blob.tensors}.values())
     return list(blobs.values())
 
 
@@ -241,7 +244,7 @@ class _Collision(Exception):
         self.reason = reason
 
 
-def _remap(keys: list[str]) -> dict[str, str]:
+def _remap(keys: dict[str, TensorEntry]) -> dict[str, str]:
     """Map blob keys to in-memory names: ``X.scale`` → ``X_scale``, ``X.bias`` → ``X_qbias``.
 
     A ``.bias`` is a quantization bias only when the same blob has the matching ``.scale``
@@ -250,7 +253,11 @@ def _remap(keys: list[str]) -> dict[str, str]:
     Raises:
         _Collision: two keys map to one name (e.g. ``w.scale`` and a literal ``w_scale``).
     """
-    present = set(keys)
+    if len(keys) == 1:
+        (key,) = keys
+        if not key.endswith(".scale"):
+            return {key: key}
+    present = keys
     out: dict[str, str] = {}
     for key in keys:
         if key.endswith(".scale"):
