@@ -28,6 +28,8 @@ class Limits:
             ``mx.load``, which reads straight into fresh MLX buffers.
         prefetch_bytes: small blobs read whole while planning are kept for the load (so they
             are opened once), up to this many bytes in all; the rest are read again later.
+        reader_nice: the nice value given, once, to MLX's reader threads (see `_nice`), so
+            the event loop thread runs first when it wakes; None leaves them alone.
         max_bytes: refuse a load whose tensors exceed this many bytes, before reading any.
         progress_interval: seconds between progress events (first and last always sent).
     """
@@ -39,6 +41,7 @@ class Limits:
     header_batch: int = 64
     direct_read_bytes: int = 64 * 1024
     prefetch_bytes: int = 256 * MiB
+    reader_nice: int | None = 10
     max_bytes: int | None = None
     progress_interval: float = 0.1
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import traceback
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from ._errors import AsyncWeightsError, BudgetError, LoadError, first_error
 from ._limits import Limits
 from ._manifest import Manifest
 from ._model import Model
+from ._nice import READERS
 from ._plan import BlobPlan, Plan, PlannedTensor, make_plan
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
 from ._read import read_direct, read_lazy, verify_file
@@ -140,6 +142,34 @@ async def stream_weights(
             yield tensors
         finally:
             tensors.clear()  # a reference kept after the block must not pin the arrays
+
+
+class _Hashing:
+    """Hashes a group's lazily loaded blobs in a thread of its own while MLX reads them.
+
+    hashlib and the file reads release the GIL, as does ``mx.eval``: the two overlap.
+    """
+
+    def __init__(self, blobs: list[BlobPlan], model: str) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(blobs, model), name="asyncweights-verify", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, blobs: list[BlobPlan], model: str) -> None:
+        try:
+            for blob in blobs:
+                verify_file(blob, model)
+        except BaseException as exc:  # re-raised by check() in the worker
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _info(tensor: PlannedTensor, array: mx.array) -> TensorInfo:
@@ -298,10 +328,9 @@ async def _produce(
     send: MemoryObjectSendStream[_Loaded],
 ) -> None:
     indices = iter(range(len(plan.groups)))
-    direct_max = limits.direct_read_bytes
 
     def load(index: int, box: list[_Loaded]) -> None:
-        box.append(_load_group(plan.groups[index], dtype, verify, plan.model, direct_max))
+        box.append(_load_group(plan.groups[index], dtype, verify, plan.model, limits))
 
     async def worker() -> None:
         for index in indices:  # shared: each worker takes the next group not yet taken
@@ -320,13 +349,13 @@ async def _produce(
 
 
 def _load_group(
-    group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, model: str, direct_max: int
+    group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, model: str, limits: Limits
 ) -> _Loaded:
     """Load and evaluate one group of blobs (runs in a worker thread; blocking)."""
     loaded: list[tuple[PlannedTensor, mx.array]] = []
     lazy: list[BlobPlan] = []
     try:
-        return _load_group_into(loaded, lazy, group, dtype, verify, model, direct_max)
+        return _load_group_into(loaded, lazy, group, dtype, verify, model, limits)
     except BaseException as exc:
         # The traceback keeps the frames below alive, and with them lazy arrays that hold
         # their blob files open: drop them so MLX closes the files now.
@@ -342,10 +371,12 @@ def _load_group_into(
     dtype: mx.Dtype | None,
     verify: bool,
     model: str,
-    direct_max: int,
+    limits: Limits,
 ) -> _Loaded:
+    # MLX starts its reader threads at the first lazy load: look before anything opens.
+    threads = READERS.before() if limits.reader_nice is not None else None
     for blob in group:
-        if blob.header.file_size <= direct_max:
+        if blob.header.file_size <= limits.direct_read_bytes:
             arrays = read_direct(blob, model, verify=verify)
         else:
             arrays = read_lazy(blob, model)
@@ -362,6 +393,7 @@ def _load_group_into(
                 array = array.astype(dtype)
             loaded.append((tensor, array))
         del arrays
+    hashing = _Hashing(lazy, model) if verify and lazy else None
     try:
         mx.eval([array for _, array in loaded])
     except RuntimeError as exc:
@@ -374,9 +406,13 @@ def _load_group_into(
             digest=None if only is None else only.digest,
             path=None if only is None else only.path,
         ) from exc
-    if verify:
-        for blob in lazy:
-            verify_file(blob, model)
+    finally:
+        if hashing is not None:
+            hashing.join()
+    if threads is not None and lazy and limits.reader_nice is not None:
+        READERS.after(threads, limits.reader_nice)
+    if hashing is not None:
+        hashing.check()
     return _Loaded(
         [Tensor(tensor.name, array, _info(tensor, array)) for tensor, array in loaded],
         sum(blob.nbytes for blob in group),

@@ -98,21 +98,26 @@ async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan
             raise ComponentNotFoundError(component, model.components, model=model.label)
     elif not layers:
         raise ComponentNotFoundError("", [], model=model.label)
+    hint_label, hint_group = await _model_hints(model)
     paths = _blob_paths(model, layers)
     headers, contents = await _read_headers(model, layers, paths, limits)
-    blobs = _name_tensors(model.label, component, layers, headers, paths)
-    for blob in blobs:
-        blob.data = contents.get(blob.digest)
-    hint_label, hint_group = await _model_hints(model)
-    quantization = _resolve_quantization(model.label, blobs, hint_label, hint_group)
-    plan = Plan(model.label, component, blobs, quantization, [])
-    if limits.max_bytes is not None and plan.total_bytes > limits.max_bytes:
-        raise BudgetError(
-            f"load needs {plan.total_bytes} bytes, over the budget of {limits.max_bytes}",
-            model=model.label,
-        )
-    plan.groups = _group(blobs, limits)
-    return plan
+
+    def finish() -> Plan:
+        # Pure CPU over every tensor (tens of ms for thousands of blobs): off the event loop.
+        blobs = _name_tensors(model.label, component, layers, headers, paths)
+        for blob in blobs:
+            blob.data = contents.get(blob.digest)
+        quantization = _resolve_quantization(model.label, blobs, hint_label, hint_group)
+        plan = Plan(model.label, component, blobs, quantization, [])
+        if limits.max_bytes is not None and plan.total_bytes > limits.max_bytes:
+            raise BudgetError(
+                f"load needs {plan.total_bytes} bytes, over the budget of {limits.max_bytes}",
+                model=model.label,
+            )
+        plan.groups = _group(blobs, limits)
+        return plan
+
+    return await anyio.to_thread.run_sync(finish)
 
 
 def _blob_paths(model: Model, layers: list[Layer]) -> dict[str, str]:
