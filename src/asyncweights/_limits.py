@@ -15,7 +15,7 @@ class Limits:
 
     Attributes:
         group_bytes: tensor bytes read and evaluated per worker call; also bounds the time
-            a cancel waits for the call in flight. 64 MiB takes ~30 ms on a 2-core VM.
+            a cancel waits for the call in flight: 32 MiB takes 10-30 ms on a 2-core VM.
         max_open_files: blob files open at once across all workers (MLX keeps a lazily
             loaded blob open until it is evaluated). Lowered automatically when the
             process's RLIMIT_NOFILE leaves less room.
@@ -34,7 +34,7 @@ class Limits:
         progress_interval: seconds between progress events (first and last always sent).
     """
 
-    group_bytes: int = 64 * MiB
+    group_bytes: int = 32 * MiB
     max_open_files: int = 32
     workers: int = 2
     buffered_groups: int = 1
