@@ -15,7 +15,6 @@ once, so a later lease starts afresh instead of joining a load that is going awa
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import os
 from collections.abc import AsyncIterator
@@ -31,12 +30,10 @@ from ._errors import (
     BudgetError,
     InvalidNameError,
     LoadError,
-    ManifestError,
-    ModelNotFoundError,
 )
 from ._limits import Limits
 from ._load import ModelRef, StoreRef, load_weights
-from ._manifest import Manifest, decode_manifest, encode_manifest
+from ._manifest import Manifest
 from ._model import Model
 from ._plan import Plan, make_plan
 from ._progress import Progress, ProgressCallback
@@ -574,34 +571,9 @@ class WeightCache:
     # -- resolving the key ---------------------------------------------------------------
 
     async def _open(self, model: ModelRef) -> tuple[Model, str]:
-        """The model and the digest of its manifest bytes, read once so the two agree."""
-        if isinstance(model, Manifest):
-            return Model(self.store, model, label="<manifest>", path=None), _digest(
-                encode_manifest(model)
-            )
-        if isinstance(model, Model):
-            digest = _digest(encode_manifest(model.manifest))
-            if model.path is not None:
-                try:
-                    data = await anyio.Path(model.path).read_bytes()
-                except OSError:
-                    pass  # gone since it was opened: key the manifest it was opened with
-                else:
-                    if _same_manifest(data, model.manifest):
-                        digest = _digest(data)
-            return model, digest
-        # `_locate` is the store's own rule for telling a manifest path from a model name.
-        path, label = await anyio.to_thread.run_sync(self.store._locate, model)
-        try:
-            data = await anyio.Path(path).read_bytes()
-        except FileNotFoundError as exc:
-            raise ModelNotFoundError("manifest file not found", model=label, path=path) from exc
-        except OSError as exc:
-            raise ManifestError(
-                f"cannot read manifest: {exc.strerror}", model=label, path=path, errno=exc.errno
-            ) from exc
-        manifest = decode_manifest(data, model=label, path=path)
-        return Model(self.store, manifest, label=label, path=path), _digest(data)
+        """The model and the digest of its manifest bytes (`Model.digest`)."""
+        opened = model if isinstance(model, Model) else await self.store.open(model)
+        return opened, opened.digest
 
 
 class _Events:
@@ -690,17 +662,6 @@ def _clone(error: AsyncWeightsError) -> AsyncWeightsError:
         return copy.copy(error)
     except TypeError:
         return error
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _same_manifest(data: bytes, manifest: Manifest) -> bool:
-    try:
-        return decode_manifest(data) == manifest
-    except AsyncWeightsError:
-        return False
 
 
 def _name_of(model: ModelRef, opened: Model) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ from ._errors import (
     ManifestError,
     SizeMismatchError,
 )
-from ._manifest import Layer, Manifest, ModelConfig, decode_config
+from ._manifest import Layer, Manifest, ModelConfig, decode_config, encode_manifest
 
 if TYPE_CHECKING:
     from ._store import ModelStore
@@ -31,13 +32,24 @@ class Model:
     Get one with ``await ModelStore().open(name)``.
     """
 
-    def __init__(self, store: ModelStore, manifest: Manifest, *, label: str, path: Path | None):
+    def __init__(
+        self,
+        store: ModelStore,
+        manifest: Manifest,
+        *,
+        label: str,
+        path: Path | None,
+        digest: str | None = None,
+    ) -> None:
         self.store = store
         self.manifest = manifest
         #: how the model was named by the caller (name, path, or ``"<manifest>"``)
         self.label = label
         #: the manifest file, when the model came from one
         self.path = path
+        #: ``sha256:<hex>`` of the manifest's bytes as read (or as encoded, for a `Manifest`
+        #: given directly): a re-pulled model under the same name has a new digest
+        self.digest = digest or "sha256:" + hashlib.sha256(encode_manifest(manifest)).hexdigest()
         self._config: ModelConfig | None = None
 
     def __repr__(self) -> str:

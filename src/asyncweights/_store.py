@@ -7,6 +7,7 @@ digest can build a path outside the store.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import AsyncIterator
@@ -250,7 +251,9 @@ class ModelStore:
             raise ManifestError(
                 f"cannot read manifest: {exc.strerror}", model=label, path=path, errno=exc.errno
             ) from exc
-        return Model(self, decode_manifest(data, model=label, path=path), label=label, path=path)
+        manifest = decode_manifest(data, model=label, path=path)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        return Model(self, manifest, label=label, path=path, digest=digest)
 
     def _locate(self, model: str | os.PathLike[str] | ModelName) -> tuple[Path, str]:
         if isinstance(model, ModelName):
