@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import time
@@ -61,6 +62,7 @@ def busy_load_threads() -> list[int]:
 def wait_quiet(store: Path, timeout: float = 5.0) -> None:
     """Assert that, within `timeout`, no blob file is open and no thread is still loading."""
     deadline = time.monotonic() + timeout
+    gc.collect()  # an error's traceback may hold arrays in a cycle until collected
     while True:
         files, threads = blob_fds(store), busy_load_threads()
         if not files and not threads:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
-import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,47 +28,22 @@ import trio
 import asyncweights as aw
 from asyncweights.testing import BuiltModel, StoreBuilder, random_weights
 
+from .conftest import blob_fds, busy_load_threads
+
 MODEL = "toy"
 # Small groups and one worker call per blob make many checkpoints; one blob is above the
 # direct-read size so the mx.load path is cancelled too.
 LIMITS = aw.Limits(group_bytes=2048, workers=2, buffered_groups=1, progress_interval=0)
 
 
-def store_fds(store: Path) -> list[str]:
-    root = str(store.resolve())
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(root):
-            out.append(target)
-    return out
-
-
-def loader_threads() -> list[int]:
-    marker = os.sep + "asyncweights" + os.sep
-    busy = []
-    for ident, frame in sys._current_frames().items():
-        f: Any = frame
-        while f is not None:
-            name = f.f_code.co_filename
-            if marker in name and "testing" not in name:
-                busy.append(ident)
-                break
-            f = f.f_back
-    return busy
-
-
 def assert_clean(store: Path, memory_before: int, where: object = None) -> None:
     """No store file open, no loader thread (within 5 s), MLX memory back to the start."""
     deadline = time.monotonic() + 5
     gc.collect()
-    while store_fds(store) or loader_threads():
+    while blob_fds(store) or busy_load_threads():
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"left behind at {where}: {store_fds(store)}, threads {loader_threads()}"
+                f"left behind at {where}: {blob_fds(store)}, threads {busy_load_threads()}"
             )
         time.sleep(0.005)
     mx.clear_cache()

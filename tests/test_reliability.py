@@ -9,7 +9,6 @@ file where they apply, and afterwards no blob file is open and no thread is load
 from __future__ import annotations
 
 import errno
-import gc
 import json
 import os
 import subprocess
@@ -31,42 +30,13 @@ from asyncweights._manifest import Layer as ManifestLayer
 from asyncweights._writer import CONFIG_MEDIA_TYPE, TENSOR_MEDIA_TYPE, Layer
 from asyncweights.testing import StoreBuilder, random_weights
 
+from .conftest import wait_quiet
+
 MODEL = "bad"
 U8 = "U8"
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def wait_quiet(store: Path, timeout: float = 5.0) -> None:
-    """Within `timeout`, no descriptor points into the store and no thread runs loader code."""
-    root = str(store.resolve())
-    marker = os.sep + "asyncweights" + os.sep
-    deadline = time.monotonic() + timeout
-    gc.collect()  # an error's traceback may hold arrays in a cycle until collected
-    while True:
-        files = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith(root):
-                files.append(target)
-        threads = []
-        for ident, frame in sys._current_frames().items():
-            f: Any = frame
-            while f is not None:
-                name = f.f_code.co_filename
-                if marker in name and "testing" not in name:
-                    threads.append(ident)
-                    break
-                f = f.f_back
-        if not files and not threads:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"left behind: open blob files {files}, busy threads {threads}")
-        time.sleep(0.01)
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,9 @@ from ._model import Model
 from ._progress import Progress, ProgressCallback, ProgressReporter
 from ._store import ModelName, ModelStore
 from ._writer import (
+    COMPONENTS,
     CONFIG_MEDIA_TYPE,
+    IMAGEGEN_CONFIGS,
     JSON_MEDIA_TYPE,
     TENSOR_MEDIA_TYPE,
     Layer,
@@ -51,19 +53,6 @@ from .testing import QuantParams, quant_params, quantize_array
 __all__ = ["import_model", "write_quantized"]
 
 ImportLayout: TypeAlias = Literal["named", "data"]
-COMPONENTS = ("text_encoder", "transformer", "vae")
-# Config layers of a diffusers import, in Ollama's order (FORMAT.md §4.2).
-_PIPELINE_CONFIGS = (
-    "model_index.json",
-    "text_encoder/config.json",
-    "text_encoder/generation_config.json",
-    "transformer/config.json",
-    "vae/config.json",
-    "scheduler/scheduler_config.json",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/vocab.json",
-)
 _SHARD_INDEX = "model.safetensors.index.json"
 _QUANTIZE = {"q4": "int4", "int4": "int4", "q8": "int8", "int8": "int8"}
 # E0 labels in model_index.json ("Q4" is affine 4-bit group 32, "Q8" group 64: §5.1).
@@ -135,7 +124,7 @@ def scan_source(root: Path) -> Source:
         files: list[tuple[str | None, Path]] = []
         for comp in COMPONENTS:
             files += [(comp, p) for p in sorted((root / comp).glob("*.safetensors"))]
-        configs = [(n, root / n) for n in _PIPELINE_CONFIGS if (root / n).is_file()]
+        configs = [(n, root / n) for n in IMAGEGEN_CONFIGS if (root / n).is_file()]
         pipeline = True
     else:
         index = root / _SHARD_INDEX

@@ -42,6 +42,20 @@ TENSOR_MEDIA_TYPE = "application/vnd.ollama.image.tensor"
 JSON_MEDIA_TYPE = "application/vnd.ollama.image.json"
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+#: The components of an image-generation model, in Ollama's order (FORMAT.md §2.5).
+COMPONENTS = ("text_encoder", "transformer", "vae")
+#: Config layers Ollama imports for such a model, in its order (FORMAT.md §4.2).
+IMAGEGEN_CONFIGS = (
+    "model_index.json",
+    "text_encoder/config.json",
+    "text_encoder/generation_config.json",
+    "transformer/config.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+)
 
 DTYPE_SIZES: Mapping[str, int] = {
     "F32": 4,

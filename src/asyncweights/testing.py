@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
 import mlx.core as mx
 
 from ._writer import (
+    COMPONENTS,
     CONFIG_MEDIA_TYPE,
+    IMAGEGEN_CONFIGS,
     JSON_MEDIA_TYPE,
     TENSOR_MEDIA_TYPE,
     Layer,
@@ -90,18 +92,6 @@ _E0_LABELS: Mapping[str, str] = {
     "mxfp4": "MXFP4",
     "mxfp8": "MXFP8",
 }
-_COMPONENTS = ("text_encoder", "transformer", "vae")
-_IMAGEGEN_CONFIGS = (
-    "model_index.json",
-    "text_encoder/config.json",
-    "text_encoder/generation_config.json",
-    "transformer/config.json",
-    "vae/config.json",
-    "scheduler/scheduler_config.json",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/vocab.json",
-)
 _DEFAULT_METADATA: Mapping[str, MetadataStyle] = {
     "E0": "none",
     "E1": "none",
@@ -440,7 +430,7 @@ class StoreBuilder:
                 dtype = te.get("torch_dtype", "") if isinstance(te, Mapping) else ""
                 count = sum(a.size for a in tensors.values())
                 configs["model_index.json"] = _ollama_model_index(index, count, label or dtype)
-            known = [c for c in _IMAGEGEN_CONFIGS if c in configs]
+            known = [c for c in IMAGEGEN_CONFIGS if c in configs]
             names = known + [c for c in configs if c not in known]
         else:
             if era == "E0" and model_type and "model_index.json" not in configs:
@@ -453,7 +443,7 @@ class StoreBuilder:
 
 def _component_rank(name: str) -> int:
     comp = name.partition("/")[0] if "/" in name else ""
-    return _COMPONENTS.index(comp) if comp in _COMPONENTS else len(_COMPONENTS)
+    return COMPONENTS.index(comp) if comp in COMPONENTS else len(COMPONENTS)
 
 
 def _blob_key(name: str, quantized: bool) -> str:
