@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +348,31 @@ def test_many_blobs_load_under_a_64_file_limit(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "loaded 2000"
+
+
+def _ours_and_native_threads() -> int:
+    """Native threads (MLX's) plus asyncweights' readers; the event loop's pool left out."""
+    others = {t.native_id for t in threading.enumerate() if not t.name.startswith("asyncweights-")}
+    return len({int(tid) for tid in os.listdir("/proc/self/task")} - others)
+
+
+async def test_groups_run_in_long_lived_low_priority_threads(
+    builder: StoreBuilder, store_root: Path
+) -> None:
+    # MLX pins a stream and a native thread to every thread that evaluates: loads must
+    # reuse their threads, or each load would leave threads behind for good.
+    builder.add_model("t:latest", image_gen_tensors(), era="E3")
+    limits = aw.Limits(group_bytes=4096, reader_nice=7)
+    await aw.load_weights("t", store=store_root, limits=limits)
+    after_first = _ours_and_native_threads()
+    for _ in range(3):
+        await aw.load_weights("t", store=store_root, limits=limits)
+    assert _ours_and_native_threads() == after_first
+    readers = [t for t in threading.enumerate() if t.name.startswith("asyncweights-reader")]
+    assert readers
+    for thread in readers:
+        assert thread.native_id is not None
+        if os.getpriority(os.PRIO_PROCESS, thread.native_id) == 7:
+            break
+    else:
+        raise AssertionError("no reader thread runs at the asked nice value")

@@ -28,8 +28,9 @@ class Limits:
             ``mx.load``, which reads straight into fresh MLX buffers.
         prefetch_bytes: small blobs read whole while planning are kept for the load (so they
             are opened once), up to this many bytes in all; the rest are read again later.
-        reader_nice: the nice value given, once, to MLX's reader threads (see `_nice`), so
-            the event loop thread runs first when it wakes; None leaves them alone.
+        reader_nice: groups are read in asyncweights' own threads at this nice value (MLX's
+            reader threads they start inherit it), so the event-loop thread runs first when
+            it wakes; None keeps normal priority.
         max_bytes: refuse a load whose tensors exceed this many bytes, before reading any.
         progress_interval: seconds between progress events (first and last always sent).
     """
