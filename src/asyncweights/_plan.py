@@ -146,7 +146,7 @@ async def _read_headers(
     batches = [
         digests[i : i + limits.header_batch] for i in range(0, len(digests), limits.header_batch)
     ]
-    limiter = anyio.CapacityLimiter(limits.workers)
+    limiter = anyio.CapacityLimiter(limits.header_workers)
 
     def read_batch(batch: list[str]) -> None:
         for digest in batch:
