@@ -28,7 +28,8 @@ import anyio.to_thread
 import mlx.core as mx
 
 from ._errors import AsyncWeightsError
-from ._import import should_quantize, write_quantized
+from ._import import write_quantized
+from ._quantize import quant_params, should_quantize
 from ._store import ModelName, ModelStore
 from ._writer import (
     CONFIG_MEDIA_TYPE,
@@ -43,7 +44,6 @@ from ._writer import (
     write_manifest,
     write_tensor_blob,
 )
-from .testing import quant_params
 
 if TYPE_CHECKING:
     from ._cli import Output, Result

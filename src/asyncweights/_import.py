@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -31,6 +31,7 @@ from ._header import TensorEntry, read_header
 from ._limits import Limits
 from ._model import Model
 from ._progress import Progress, ProgressCallback, ProgressReporter
+from ._quantize import QuantParams, quant_params, quantize_array, should_quantize
 from ._store import ModelName, ModelStore
 from ._writer import (
     COMPONENTS,
@@ -48,7 +49,6 @@ from ._writer import (
     write_manifest,
     write_tensor_blob,
 )
-from .testing import QuantParams, quant_params, quantize_array
 
 __all__ = ["import_model", "write_quantized"]
 
@@ -57,8 +57,6 @@ _SHARD_INDEX = "model.safetensors.index.json"
 _QUANTIZE = {"q4": "int4", "int4": "int4", "q8": "int8", "int8": "int8"}
 # E0 labels in model_index.json ("Q4" is affine 4-bit group 32, "Q8" group 64: §5.1).
 _E0_LABELS = {"int4": "Q4", "int8": "Q8"}
-_FLOATS = frozenset({"F16", "BF16", "F32"})
-_SKIP = ("embed", "norm", "ln_")
 _CHUNK = 8 << 20
 _json = msgspec.json.Decoder()
 
@@ -156,20 +154,6 @@ def scan_source(root: Path) -> Source:
             seen[name] = path
             tensors.append(SourceTensor(name, path, header.entries[key], header.data_start))
     return Source(root, pipeline, tensors, configs)
-
-
-def should_quantize(name: str, dtype: str, shape: Sequence[int], group_size: int) -> bool:
-    """Ollama's rule of which tensors a requested quantization applies to (FORMAT.md §4.1).
-
-    Skipped: the ``vae`` component, names with ``embed``, ``norm`` or ``ln_``, non-float
-    tensors, anything but a ``*.weight`` of rank 2 or more, and last dimensions the group
-    does not divide.
-    """
-    if name.startswith("vae/") or any(s in name for s in _SKIP):
-        return False
-    if not name.endswith(".weight") or dtype not in _FLOATS or len(shape) < 2:
-        return False
-    return shape[-1] % group_size == 0
 
 
 def write_quantized(

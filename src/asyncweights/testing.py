@@ -20,10 +20,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import mlx.core as mx
 
+from ._quantize import Era, QuantParams, QuantSpec, quant_params, quantize_array, should_quantize
 from ._writer import (
     COMPONENTS,
     CONFIG_MEDIA_TYPE,
@@ -35,6 +36,7 @@ from ._writer import (
     Tensor,
     build_config,
     build_manifest,
+    dtype_name,
     encode_json,
     tensor_from_array,
     write_blob,
@@ -60,30 +62,11 @@ __all__ = [
     "random_weights",
 ]
 
-Era: TypeAlias = Literal["E0", "E1", "E2", "E3"]
 MetadataStyle: TypeAlias = Literal["none", "global", "per_tensor", "both", "auto"]
-QuantSpec: TypeAlias = str | tuple[str, int]
 QuantPolicy: TypeAlias = Callable[[str, mx.array], QuantSpec | None]
 Quantize: TypeAlias = str | Mapping[str, QuantSpec] | QuantPolicy | None
 
 
-class QuantParams(NamedTuple):
-    """How one weight is quantized: canonical type, MLX mode, bits and group size (§5.1)."""
-
-    type: str
-    mode: str
-    bits: int
-    group_size: int
-
-
-# canonical type -> (MLX mode, bits, default group since 2026-03-06)
-_QUANT_TYPES: Mapping[str, tuple[str, int, int]] = {
-    "int4": ("affine", 4, 64),
-    "int8": ("affine", 8, 64),
-    "nvfp4": ("nvfp4", 4, 16),
-    "mxfp4": ("mxfp4", 4, 32),
-    "mxfp8": ("mxfp8", 8, 32),
-}
 # Labels written to E0 model_index.json for each requested type.
 _E0_LABELS: Mapping[str, str] = {
     "int4": "Q4",
@@ -100,42 +83,18 @@ _DEFAULT_METADATA: Mapping[str, MetadataStyle] = {
 }
 
 
-def quant_params(spec: QuantSpec, *, era: Era = "E3") -> QuantParams:
-    """Resolve ``"int4"`` or ``("int4", 32)`` to full parameters (int4 is group 32 in E0)."""
-    qtype, group = (spec, None) if isinstance(spec, str) else spec
-    qtype = qtype.lower()
-    if qtype not in _QUANT_TYPES:
-        raise ValueError(f"unknown quant type {qtype!r}; expected one of {sorted(_QUANT_TYPES)}")
-    mode, bits, default = _QUANT_TYPES[qtype]
-    if group is None:
-        group = 32 if era == "E0" and qtype == "int4" else default
-    return QuantParams(qtype, mode, bits, group)
-
-
-def quantize_array(
-    array: mx.array, params: QuantParams
-) -> tuple[mx.array, mx.array, mx.array | None]:
-    """Quantize with MLX: packed U32 weight, scales, and biases (None for the FP modes)."""
-    out = mx.quantize(array, group_size=params.group_size, bits=params.bits, mode=params.mode)
-    biases = out[2] if params.mode == "affine" else None
-    mx.eval(out)
-    return out[0], out[1], biases
-
-
 def default_policy(qtype: QuantSpec, *, era: Era = "E3") -> QuantPolicy:
     """Ollama's E0/E1 rule of which tensors to quantize (§4.1), for one requested type.
 
-    Skipped: the ``vae`` component, names with ``embed``, ``norm``, ``ln_`` or ``layernorm``,
-    anything but a ``*.weight`` of rank 2 or more, and last dimensions the group does not divide.
+    Skipped: the ``vae`` component, names with ``embed``, ``norm`` or ``ln_``, non-float
+    tensors, anything but a ``*.weight`` of rank 2 or more, and last dimensions the group
+    does not divide (`should_quantize`, shared with the importer).
     """
     group = quant_params(qtype, era=era).group_size
 
     def policy(name: str, array: mx.array) -> QuantSpec | None:
-        if name.startswith("vae/") or any(s in name for s in ("embed", "norm", "ln_")):
-            return None
-        if not name.endswith(".weight") or array.ndim < 2 or array.shape[-1] % group:
-            return None
-        return qtype
+        dtype = dtype_name(array.dtype)
+        return qtype if should_quantize(name, dtype, array.shape, group) else None
 
     return policy
 
