@@ -823,6 +823,41 @@ async def test_model_config_blob_that_is_not_json(
     )
 
 
+@pytest.mark.parametrize(
+    ("data", "byte"),
+    [(b'{"model_family":"\xff"}', 17), (b'{"x":"\xc3\x28","file_type":"F16"}', 6)],
+    ids=["known-field", "unknown-field"],
+)
+async def test_model_config_blob_that_is_not_utf8(
+    builder: StoreBuilder, store_root: Path, data: bytes, byte: int
+) -> None:
+    # Detected by asyncweights itself (bytes.decode), whatever the JSON decoder's wording.
+    tensor = builder.add_blob("w", {"w": mx.zeros((2,))})
+    config = builder.add_bytes("", data, media_type=CONFIG_MEDIA_TYPE)
+    builder.write_manifest(MODEL, [tensor], config=config)
+    await fails(
+        aw.ManifestError,
+        store_root,
+        f"invalid model config blob: not UTF-8 (byte {byte})",
+        f"model {MODEL!r}",
+        config.digest,
+    )
+
+
+@pytest.mark.parametrize("field", ["name", "x"], ids=["layer-name", "unknown-field"])
+async def test_manifest_that_is_not_utf8_names_the_byte(
+    builder: StoreBuilder, store_root: Path, field: str
+) -> None:
+    good = json.dumps(valid_manifest(builder), separators=(",", ":")).encode()
+    marker = b'"mediaType":'
+    bad = good.replace(marker, b'"' + field.encode() + b'":"a\xff",' + marker, 1)
+    byte = bad.index(b"\xff")
+    path = write_raw_manifest(store_root, bad)
+    await fails(
+        aw.ManifestError, store_root, f"invalid manifest: not UTF-8 (byte {byte})", str(path)
+    )
+
+
 async def test_quantized_weight_without_scales(builder: StoreBuilder, store_root: Path) -> None:
     packed = mx.zeros((4, 8), dtype=mx.uint32)
     layer = builder.add_blob(

@@ -154,29 +154,32 @@ def _parse(raw: bytes, file_size: int) -> BlobHeader:
 
 
 def _decode_json(text: bytes) -> Any:
+    # UTF-8 is checked here, before the JSON parser: the safetensors format requires it, and
+    # the error must not depend on how a given msgspec release words its own message.
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Invalid(f"header is not UTF-8 (byte {exc.start} of the JSON)") from None
     try:
         doc = msgspec.json.decode(text)
     except msgspec.DecodeError as exc:
         raise _Invalid(f"header is not valid JSON: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise _Invalid(f"header is not UTF-8 (byte {exc.start} of the JSON)") from None
     except RecursionError:
         raise _Invalid("header JSON is nested too deeply") from None
-    if isinstance(doc, dict) and _may_have_duplicates(text, doc):
+    if isinstance(doc, dict) and _may_have_duplicates(decoded, doc):
         # msgspec keeps the last of duplicate keys; the slow parser tells for sure.
-        _reject_duplicates(text)
+        _reject_duplicates(decoded)
     return doc
 
 
-def _may_have_duplicates(text: bytes, doc: dict[str, Any]) -> bool:
+def _may_have_duplicates(decoded: str, doc: dict[str, Any]) -> bool:
     """Cheap, exact-enough screen: each tensor entry spells each field name once.
 
     An escaped key (``"\\u0064type"``) would hide from the count, so any backslash sends the
     header to the exact check.
     """
-    if b"\\" in text:
+    if "\\" in decoded:
         return True
-    decoded = text.decode("utf-8", "replace")
     tensors = len(doc) - ("__metadata__" in doc)
     if decoded.count('"__metadata__"') > 1:
         return True
@@ -186,7 +189,7 @@ def _may_have_duplicates(text: bytes, doc: dict[str, Any]) -> bool:
     return any(decoded.count(name) != tensors for name in _ENTRY_FIELDS)
 
 
-def _reject_duplicates(text: bytes) -> None:
+def _reject_duplicates(decoded: str) -> None:
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: dict[str, Any] = {}
         for key, value in items:
@@ -197,7 +200,7 @@ def _reject_duplicates(text: bytes) -> None:
 
     # msgspec accepted the text; only duplicates matter here.
     with contextlib.suppress(ValueError, RecursionError):
-        json.loads(text.decode("utf-8"), object_pairs_hook=pairs)
+        json.loads(decoded, object_pairs_hook=pairs)
 
 
 def _entry(key: str, value: Any) -> TensorEntry:
