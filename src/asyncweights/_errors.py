@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = [
     "AsyncWeightsError",
@@ -51,6 +52,8 @@ __all__ = [
     "SourceError",
     "UnsupportedDTypeError",
 ]
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class AsyncWeightsError(Exception):
@@ -217,3 +220,33 @@ def first_error(group: BaseExceptionGroup[AsyncWeightsError]) -> AsyncWeightsErr
         exc = exc.exceptions[0]
     assert isinstance(exc, AsyncWeightsError)
     return exc
+
+
+def single_error(
+    group: BaseExceptionGroup[BaseException],
+    kind: type[_E] | tuple[type[_E], ...],
+) -> _E | None:
+    """The error to raise in place of a task group's exception group, or None to keep the group.
+
+    A task group always raises an `ExceptionGroup`, even when one task failed. The tasks of
+    one load, import or header read fail for one cause (the first bad blob each met), so when
+    every error in the group is of `kind` the first one is raised bare: callers write
+    ``except aw.BlobMissingError`` and never see the group, which stays reachable as the bare
+    error's ``__context__``. A group that holds anything else (an interrupt, a bug) is re-raised
+    whole, so nothing is hidden.
+
+    Callers unwrap in a plain ``except BaseExceptionGroup`` block, never by raising inside
+    ``except*``: on CPython 3.11.0 to 3.11.3 an exception raised inside ``except*`` comes out
+    wrapped in a new group (CPython issue 103590, fixed in 3.11.4).
+    """
+    leaves: list[_E] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(reversed(exc.exceptions))
+        elif isinstance(exc, kind):
+            leaves.append(exc)
+        else:
+            return None
+    return leaves[0] if leaves else None

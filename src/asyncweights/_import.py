@@ -26,7 +26,7 @@ import anyio.to_thread
 import mlx.core as mx
 import msgspec
 
-from ._errors import AsyncWeightsError, DuplicateTensorError, SourceError, first_error
+from ._errors import AsyncWeightsError, DuplicateTensorError, SourceError, single_error
 from ._header import TensorEntry, read_header
 from ._limits import Limits
 from ._model import Model
@@ -304,23 +304,16 @@ async def import_model(
             manifest = build_manifest(config_layer, layers)
             await anyio.to_thread.run_sync(write_manifest, root, name, manifest)
             reporter.close(event("done", None))
-    except* AsyncWeightsError as group:
-        raise first_error(group) from None
-    except* OSError as group:
-        raise _first(group) from None
+    except BaseExceptionGroup as group:
+        error = single_error(group, (AsyncWeightsError, OSError))
+        if error is None:
+            raise
+        raise error from error.__cause__
     return await model_store.open(name)
 
 
 def _facts(tensor: SourceTensor) -> tuple[str, tuple[int, ...]]:
     return tensor.entry.dtype, tensor.entry.shape
-
-
-def _first(group: BaseExceptionGroup[OSError]) -> OSError:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    assert isinstance(exc, OSError)
-    return exc
 
 
 def _write_configs(

@@ -26,7 +26,7 @@ import anyio.to_thread
 import mlx.core as mx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import AsyncWeightsError, BudgetError, LoadError, first_error
+from ._errors import AsyncWeightsError, BudgetError, LoadError, single_error
 from ._limits import Limits
 from ._manifest import Manifest
 from ._model import Model
@@ -232,8 +232,10 @@ async def _pipeline(
                     # Left early, or the consumer failed: stop the workers and the reporter.
                     tg.cancel_scope.cancel()
                     reporter.close(None)
-    except* AsyncWeightsError as group:
-        error = first_error(group)
+    except BaseExceptionGroup as group:
+        error = single_error(group, AsyncWeightsError)
+        if error is None:
+            raise
         raise error from error.__cause__
     finally:
         send.close()

@@ -23,7 +23,7 @@ from ._errors import (
     LoadError,
     ManifestError,
     QuantizationError,
-    first_error,
+    single_error,
 )
 from ._header import BlobHeader, TensorEntry, read_blob_head
 from ._limits import Limits
@@ -179,8 +179,11 @@ async def _read_headers(
         async with anyio.create_task_group() as tg:
             for batch in batches:
                 tg.start_soon(run, batch)
-    except* AsyncWeightsError as group:
-        raise first_error(group) from None
+    except BaseExceptionGroup as group:
+        error = single_error(group, AsyncWeightsError)
+        if error is None:
+            raise
+        raise error from error.__cause__
     return headers, contents
 
 
