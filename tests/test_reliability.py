@@ -1103,7 +1103,9 @@ async def test_io_error_reading_a_header(
 ) -> None:
     model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3,)}))
     layer = model.layers[0]
-    _eio_on(monkeypatch, "pread", str(blob_path(store_root, layer.digest)))
+    target = str(blob_path(store_root, layer.digest))
+    _eio_on(monkeypatch, "pread", target)  # a header read alone
+    _eio_on(monkeypatch, "preadv", target)  # a small blob read whole with its header
     exc = await fails(aw.LoadError, store_root, "EIO", *names_blob(store_root, layer))
     assert exc.errno == errno.EIO
 

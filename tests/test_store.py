@@ -136,9 +136,8 @@ async def test_open_by_name_path_and_manifest(builder: StoreBuilder, store_root:
     store = aw.ModelStore(store_root)
     by_name = await store.open("ns/m:t")
     by_path = await store.open(path)
-    by_str_path = await store.open(str(path))
     by_manifest = await store.open(by_name.manifest)
-    assert by_name.manifest == by_path.manifest == by_str_path.manifest == by_manifest.manifest
+    assert by_name.manifest == by_path.manifest == by_manifest.manifest
     assert by_name.label == "ns/m:t"
     assert by_path.label == str(path)
     assert by_manifest.label == "<manifest>"

@@ -572,7 +572,9 @@ class WeightCache:
 
     async def _open(self, model: ModelRef) -> tuple[Model, str]:
         """The model and the digest of its manifest bytes (`Model.digest`)."""
-        opened = model if isinstance(model, Model) else await self.store.open(model)
+        opened = (
+            model if isinstance(model, Model) else await self.store.open(model, limits=self.limits)
+        )
         return opened, opened.digest
 
 

@@ -5,6 +5,11 @@ as JSON with ``--json``) and as text lines, both printed only once it has finish
 interrupted command prints nothing but its progress bar, which is cleared. Progress goes to
 stderr through tqdm, shown when stdout and stderr are terminals or with ``--progress``.
 
+MODEL arguments: a model name (Ollama's grammar), or a manifest file given as a path that
+starts with ``/``, ``./``, ``../`` or ``~`` (no model name can start so). Every name, path
+and message printed has its non-printable characters escaped (``\\x1b``, ``\\u202e`` …), so a
+hostile model or tensor name cannot drive the terminal.
+
 Exit codes: 0 success, 1 an asyncweights error (one ``error: ...`` line) or a failed check,
 2 bad usage, 130 interrupted.
 """
@@ -30,7 +35,8 @@ import anyio
 import anyio.to_thread
 import msgspec
 
-from ._errors import AsyncWeightsError, first_error
+from ._errors import AsyncWeightsError, BlobMissingError, first_error
+from ._files import open_file
 from ._limits import Limits
 from ._load import load_weights
 from ._model import Model
@@ -78,6 +84,41 @@ def parse_size(text: str) -> int:
     return int(size)
 
 
+def model_ref(text: str) -> str | Path:
+    """A MODEL argument: a manifest path when it starts with ``/``, ``./``, ``../`` or ``~``
+    (no model name can), else a model name."""
+    if text in (".", "..", "~") or text.startswith(("/", "./", "../", "~")):
+        return Path(text).expanduser()
+    return text
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character escaped as Python writes it (``\\x1b``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _printable_json(text: str) -> str:
+    """JSON text with non-printable characters (C1 controls, bidi overrides …) as ``\\uXXXX``.
+
+    Outside strings JSON text is printable ASCII and whitespace, so only string contents
+    change, and they decode to the same values.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c.isprintable() or c in "\n ":
+            out.append(c)
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            code = ord(c) - 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+    return "".join(out)
+
+
 def format_bytes(n: float) -> str:
     """``536870912`` → ``512.0 MiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -107,7 +148,7 @@ class Output:
         scaled = unit == "B"
         size = shutil.get_terminal_size()
         self._bar = tqdm(
-            total=total, desc=description, unit=unit, unit_scale=scaled,
+            total=total, desc=printable(description), unit=unit, unit_scale=scaled,
             unit_divisor=1024 if scaled else 1000, file=sys.stderr, leave=False,
             # A terminal that reports a 0x0 size (a fresh pty) would hide the bar.
             ncols=size.columns, nrows=size.lines, mininterval=0.1, smoothing=0.3,
@@ -136,14 +177,15 @@ class Output:
         """Print the finished result (JSON or text) and return the exit status."""
         self.clear()
         if self.json:
-            sys.stdout.write(msgspec.json.format(_json.encode(result.data), indent=2).decode())
+            text = msgspec.json.format(_json.encode(result.data), indent=2).decode()
+            sys.stdout.write(_printable_json(text))
             sys.stdout.write("\n")
         else:
             for line in result.lines:
-                print(line)
+                print(printable(line))
         sys.stdout.flush()
         for error in result.errors:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {printable(error)}", file=sys.stderr)
         return result.status
 
 
@@ -193,8 +235,7 @@ async def _describe(model: Model) -> tuple[Plan, dict[str, Any]]:
         "dtypes": {d: {"tensors": dtypes[d], "bytes": dtype_bytes[d]} for d in sorted(dtypes)},
     }
     if model.path is not None:
-        data = await anyio.Path(model.path).read_bytes()
-        facts["id"] = hashlib.sha256(data).hexdigest()[:12]
+        facts["id"] = model.digest.removeprefix("sha256:")[:12]  # Ollama's ID: of the bytes read
     return plan, facts
 
 
@@ -228,7 +269,7 @@ async def cmd_ls(args: argparse.Namespace, out: Output) -> Result:
 
 async def cmd_show(args: argparse.Namespace, out: Output) -> Result:
     store = ModelStore(args.store)
-    model = await store.open(args.model)
+    model = await store.open(model_ref(args.model))
     config = await model.config()
     _, facts = await _describe(model)
     index: dict[str, Any] = {}
@@ -302,7 +343,7 @@ def peak_memory() -> dict[str, int]:
 
 async def load_summary(
     out: Output,
-    model: str | Model,
+    model: str | Path | Model,
     component: str | None,
     *,
     store: str | None,
@@ -374,8 +415,9 @@ async def cmd_load(args: argparse.Namespace, out: Output) -> Result:
     import mlx.core as mx
 
     dtype = getattr(mx, _DTYPES[args.dtype]) if args.dtype else None
+    ref = model_ref(args.model)
     summary = await load_summary(
-        out, args.model, args.component, store=args.store, dtype=dtype, verify=args.verify
+        out, ref, args.component, store=args.store, dtype=dtype, verify=args.verify
     )
     summary.update(peak_memory())
     return Result(summary, [*summary_lines(summary), memory_line(summary)])
@@ -383,13 +425,14 @@ async def cmd_load(args: argparse.Namespace, out: Output) -> Result:
 
 async def cmd_verify(args: argparse.Namespace, out: Output) -> Result:
     store = ModelStore(args.store)
-    model = await store.open(args.model)
+    model = await store.open(model_ref(args.model))
     layers = [model.manifest.config, *model.manifest.layers]
     blobs: dict[str, tuple[int, list[str]]] = {}
     for layer in layers:
         size, names = blobs.setdefault(layer.digest, (layer.size, []))
         names.append("(config)" if layer is model.manifest.config else layer.name or "")
     total = sum(size for size, _ in blobs.values())
+    config_digest = model.manifest.config.digest
     done = [0]
     lock = threading.Lock()
 
@@ -398,18 +441,19 @@ async def cmd_verify(args: argparse.Namespace, out: Output) -> Result:
         h = hashlib.sha256()
         seen = 0
         try:
-            with open(path, "rb", buffering=0) as f:
+            # One descriptor, non-blocking open, a regular file: a FIFO cannot hang verify.
+            with open_file(path, "config" if digest == config_digest else "blob") as f:
                 buf = bytearray(8 << 20)
                 view = memoryview(buf)
-                while n := f.readinto(buf):
+                while n := f.read_into(buf, seen):
                     h.update(view[:n])  # hashlib releases the GIL: the two workers overlap
                     seen += n
                     with lock:
                         done[0] += n
-        except FileNotFoundError:
+        except BlobMissingError:
             return "missing"
-        except OSError as exc:
-            return f"unreadable: {exc.strerror}"
+        except AsyncWeightsError as exc:
+            return exc.reason
         with lock:
             done[0] += size - seen
         if seen != size:
@@ -546,18 +590,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("show", parents=[common], help="show a model's manifest facts")
-    p.add_argument("model")
+    p.add_argument("model", help="a model name, or a manifest path starting with / ./ ../ ~")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("load", parents=[common], help="load a model and summarize")
-    p.add_argument("model")
+    p.add_argument("model", help="a model name, or a manifest path starting with / ./ ../ ~")
     p.add_argument("-c", "--component", help="text_encoder, transformer, vae …")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="convert floating-point tensors")
     p.add_argument("--verify", action="store_true", help="check blob digests while loading")
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("verify", parents=[common], help="check every blob's sha256")
-    p.add_argument("model")
+    p.add_argument("model", help="a model name, or a manifest path starting with / ./ ../ ~")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("import", parents=[common], help="import a safetensors directory")
@@ -584,12 +628,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 130
     except AsyncWeightsError as exc:
         out.clear()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 1
     except OSError as exc:
         out.clear()
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(printable(f"error: {exc.strerror or exc}{where}"), file=sys.stderr)
         return 1
     return out.emit(result)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,13 +17,8 @@ from typing import Any
 
 import msgspec
 
-from ._errors import (
-    BlobError,
-    BlobMissingError,
-    HeaderError,
-    SizeMismatchError,
-    UnsupportedDTypeError,
-)
+from ._errors import HeaderError, UnsupportedDTypeError
+from ._files import open_file
 
 __all__ = ["DTYPE_SIZES", "MAX_HEADER", "BlobHeader", "TensorEntry", "parse_header", "read_header"]
 
@@ -89,7 +83,7 @@ class _Invalid(Exception):
         self.dtype = dtype
 
 
-def parse_header(prefix_and_header: bytes, file_size: int) -> BlobHeader:
+def parse_header(prefix_and_header: bytes | bytearray, file_size: int) -> BlobHeader:
     """Validate the first ``8 + n`` bytes of a safetensors file whose total size is known.
 
     Raises:
@@ -102,7 +96,7 @@ def parse_header(prefix_and_header: bytes, file_size: int) -> BlobHeader:
         raise cls(exc.reason, tensor=exc.tensor) from None
 
 
-def _header_length(prefix: bytes, file_size: int) -> int:
+def _header_length(prefix: bytes | bytearray, file_size: int) -> int:
     """Check the 8-byte length prefix against MLX's bound and the file size; return it."""
     if len(prefix) < 8 or file_size < 8:
         raise _Invalid(f"file too short for a safetensors header ({file_size} bytes)")
@@ -116,9 +110,9 @@ def _header_length(prefix: bytes, file_size: int) -> int:
     return n
 
 
-def _parse(raw: bytes, file_size: int) -> BlobHeader:
+def _parse(raw: bytes | bytearray, file_size: int) -> BlobHeader:
     n = _header_length(raw, file_size)
-    text = raw[8 : 8 + n]
+    text = bytes(raw[8 : 8 + n])
     if len(text) != n:
         raise _Invalid(f"header cut short: {len(text)} of {n} bytes")
     doc = _decode_json(text)
@@ -245,14 +239,15 @@ def read_header(path: str | os.PathLike[str], *, expected_size: int | None) -> B
         BlobMissingError: no such file.
         BlobError: the path is not a regular file (a directory, FIFO or device).
         SizeMismatchError: the file's size differs from `expected_size`.
-        HeaderError: the header breaks a rule; OSError for other I/O failures.
+        HeaderError: the header breaks a rule.
+        LoadError: any other OS error, with its errno.
     """
     return read_blob_head(path, expected_size=expected_size, whole_upto=0)[0]
 
 
 def read_blob_head(
     path: str | os.PathLike[str], *, expected_size: int | None, whole_upto: int
-) -> tuple[BlobHeader, bytes | None]:
+) -> tuple[BlobHeader, bytes | bytearray | None]:
     """Like `read_header`; a blob of at most `whole_upto` bytes is read whole, in one call.
 
     Returns:
@@ -260,26 +255,12 @@ def read_blob_head(
         is the one validated: the data can be loaded later without opening the file again).
     """
     key = os.fspath(path)
-    try:
-        # O_NONBLOCK: opening a FIFO planted in blobs/ must not wait for a writer.
-        fd = os.open(key, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError as exc:
-        raise BlobMissingError("blob file is missing", path=path, errno=exc.errno) from None
-    data: bytes | None = None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise BlobError("blob is not a regular file", path=path)
-        if expected_size is not None and st.st_size != expected_size:
-            raise SizeMismatchError(
-                f"blob is {st.st_size} bytes but the manifest says {expected_size}", path=path
-            )
-        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    data: bytes | bytearray | None = None
+    with open_file(key, "blob", expected_size=expected_size) as f:
+        signature = f.identity
         cached = _CACHE.get(key, signature)
-        if st.st_size <= whole_upto:
-            data = _pread_exact(fd, st.st_size, 0)
-            if len(data) != st.st_size:
-                raise BlobError("blob shrank while being read", path=path)
+        if f.size <= whole_upto:
+            data = f.read_all()
             if cached is not None and data[: cached.data_start] == cached.raw:
                 header = cached
             else:
@@ -288,28 +269,14 @@ def read_blob_head(
         elif cached is not None:
             header = cached
         else:
-            raw = os.pread(fd, _FIRST_READ, 0)
+            raw = f.read(_FIRST_READ, 0)
             if len(raw) >= 8:
                 n = int.from_bytes(raw[:8], "little")
-                if 8 + n > len(raw) and 0 < n < MAX_HEADER and 8 + n <= st.st_size:
-                    raw += _pread_exact(fd, 8 + n - len(raw), len(raw))
-            header = parse_header(raw, st.st_size)
+                if 8 + n > len(raw) and 0 < n < MAX_HEADER and 8 + n <= f.size:
+                    raw += f.read(8 + n - len(raw), len(raw))
+            header = parse_header(raw, f.size)
             _CACHE.put(key, signature, header)
-    finally:
-        os.close(fd)
     return header, data
-
-
-def _pread_exact(fd: int, size: int, offset: int) -> bytes:
-    chunks = []
-    while size > 0:
-        chunk = os.pread(fd, size, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
 
 
 class _HeaderCache:

@@ -37,6 +37,19 @@ class Limits:
             it wakes; None keeps normal priority.
         max_bytes: refuse a load whose tensors exceed this many bytes, before reading any.
         progress_interval: seconds between progress events (first and last always sent).
+
+    Caps on untrusted metadata, each far above any real model and checked before the
+    bytes are decoded (the error names the cap):
+
+    Attributes:
+        max_manifest_bytes: a manifest file's size (real ones: a few KiB; 1,000 layers take
+            about 200 KiB).
+        max_layers: layers in one manifest (config included).
+        max_config_bytes: a JSON config layer or the config blob (real ones: a few KiB).
+        max_header_bytes: a safetensors header's length (MLX's own bound is 100,000,000;
+            real headers of one Ollama blob: under 1 MiB).
+        max_tensors: tensor entries in one safetensors header.
+        max_name_bytes: a tensor or layer name, in UTF-8 bytes.
     """
 
     group_bytes: int = 32 * MiB
@@ -50,9 +63,27 @@ class Limits:
     reader_nice: int | None = 10
     max_bytes: int | None = None
     progress_interval: float = 0.1
+    max_manifest_bytes: int = 64 * MiB
+    max_layers: int = 262_144
+    max_config_bytes: int = 64 * MiB
+    max_header_bytes: int = 64 * MiB
+    max_tensors: int = 262_144
+    max_name_bytes: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("group_bytes", "max_open_files", "workers", "header_workers", "header_batch"):
+        for name in (
+            "group_bytes",
+            "max_open_files",
+            "workers",
+            "header_workers",
+            "header_batch",
+            "max_manifest_bytes",
+            "max_layers",
+            "max_config_bytes",
+            "max_header_bytes",
+            "max_tensors",
+            "max_name_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be at least 1")
         if self.buffered_groups < 0:

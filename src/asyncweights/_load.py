@@ -185,13 +185,13 @@ def _info(tensor: PlannedTensor, array: mx.array) -> TensorInfo:
     )
 
 
-async def open_model(model: ModelRef, store: StoreRef) -> Model:
+async def open_model(model: ModelRef, store: StoreRef, limits: Limits | None = None) -> Model:
     """Resolve the `model` and `store` arguments of the public functions to a `Model`."""
     if isinstance(model, Model):
         return model
     if not isinstance(store, ModelStore):
         store = ModelStore(store)
-    return await store.open(model)
+    return await store.open(model, limits=limits)
 
 
 @asynccontextmanager
@@ -206,7 +206,7 @@ async def _pipeline(
 ) -> AsyncIterator[tuple[Plan, _Groups]]:
     limits = limits or Limits()
     started = time.monotonic()
-    model = await open_model(model_ref, store)
+    model = await open_model(model_ref, store, limits)
     reporter = ProgressReporter(on_progress, limits.progress_interval, model.label)
     send, receive = anyio.create_memory_object_stream[_Loaded](limits.buffered_groups)
     consumer_error: Exception | None = None

@@ -109,7 +109,9 @@ _CONFIG_DECODER = msgspec.json.Decoder(ModelConfig)
 _ENCODER = msgspec.json.Encoder()
 
 
-def decode_manifest(data: bytes, *, model: str | None = None, path: Path | None = None) -> Manifest:
+def decode_manifest(
+    data: bytes | bytearray, *, model: str | None = None, path: Path | None = None
+) -> Manifest:
     """Decode and check a manifest.
 
     Raises:
@@ -136,7 +138,7 @@ def decode_manifest(data: bytes, *, model: str | None = None, path: Path | None 
 
 
 def decode_config(
-    data: bytes, *, model: str | None = None, digest: str | None = None
+    data: bytes | bytearray, *, model: str | None = None, digest: str | None = None
 ) -> ModelConfig:
     """Decode the config blob (ConfigV2); unknown fields are ignored.
 

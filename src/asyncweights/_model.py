@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -9,13 +10,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 
-from ._errors import (
-    BlobMissingError,
-    ConfigNotFoundError,
-    LoadError,
-    ManifestError,
-    SizeMismatchError,
-)
+from ._errors import AsyncWeightsError, BlobError, ConfigNotFoundError, ManifestError
+from ._files import read_file
+from ._limits import Limits
 from ._manifest import Layer, Manifest, ModelConfig, decode_config, encode_manifest
 
 if TYPE_CHECKING:
@@ -40,8 +37,11 @@ class Model:
         label: str,
         path: Path | None,
         digest: str | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.store = store
+        #: the caps its configs are read under (`Limits.max_config_bytes`)
+        self.limits = limits or Limits()
         self.manifest = manifest
         #: how the model was named by the caller (name, path, or ``"<manifest>"``)
         self.label = label
@@ -85,7 +85,7 @@ class Model:
         Raises:
             ConfigNotFoundError: no such layer; BlobMissingError: its blob is absent.
         """
-        return await self._read_blob(self._config_layer(name), what=f"config {name!r}")
+        return bytes(await self._read_blob(self._config_layer(name), what=f"config {name!r}"))
 
     def _config_layer(self, name: str) -> Layer:
         for layer in self.manifest.json_layers:
@@ -119,27 +119,20 @@ class Model:
             self._config = decode_config(data, model=self.label, digest=self.manifest.config.digest)
         return self._config
 
-    async def _read_blob(self, layer: Layer, *, what: str) -> bytes:
+    async def _read_blob(self, layer: Layer, *, what: str) -> bytes | bytearray:
         path = self.store.blob_path(layer.digest)
-        try:
-            data = await anyio.Path(path).read_bytes()
-        except FileNotFoundError as exc:
-            raise BlobMissingError(
-                f"{what} blob is missing", model=self.label, digest=layer.digest, path=path
-            ) from exc
-        except OSError as exc:
-            raise LoadError(
-                f"cannot read {what}: {exc.strerror}",
-                model=self.label,
-                digest=layer.digest,
-                path=path,
-                errno=exc.errno,
-            ) from exc
-        if len(data) != layer.size:
-            raise SizeMismatchError(
-                f"{what} is {len(data)} bytes but the manifest says {layer.size}",
+        cap = self.limits.max_config_bytes
+        if layer.size > cap:
+            raise BlobError(
+                f"{what} is {layer.size} bytes, over Limits.max_config_bytes ({cap})",
                 model=self.label,
                 digest=layer.digest,
                 path=path,
             )
-        return data
+        try:
+            return await anyio.to_thread.run_sync(
+                functools.partial(read_file, path, "config", expected_size=layer.size)
+            )
+        except AsyncWeightsError as exc:
+            exc.add_context(model=self.label, digest=layer.digest)
+            raise

@@ -60,7 +60,7 @@ class BlobPlan:
     #: bytes of the distinct tensors taken from the blob (set once planning is done)
     nbytes: int = 0
     #: the whole file, when planning read it whole (small blobs): loaded without reopening
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
 
 
 @dataclass(slots=True)
@@ -135,13 +135,13 @@ def _blob_paths(model: Model, layers: list[Layer]) -> dict[str, str]:
 
 async def _read_headers(
     model: Model, layers: list[Layer], paths: dict[str, str], limits: Limits
-) -> tuple[dict[str, BlobHeader], dict[str, bytes]]:
+) -> tuple[dict[str, BlobHeader], dict[str, bytes | bytearray]]:
     """Every distinct blob's validated header; small blobs are read whole, up to a budget."""
     sizes = {layer.digest: layer.size for layer in layers}
     names = {layer.digest: layer.name for layer in reversed(layers)}  # the first layer's name
     digests = list(sizes)
     headers: dict[str, BlobHeader] = {}
-    contents: dict[str, bytes] = {}
+    contents: dict[str, bytes | bytearray] = {}
     budget = [limits.prefetch_bytes]  # shared by the batches; a rough bound is enough
     batches = [
         digests[i : i + limits.header_batch] for i in range(0, len(digests), limits.header_batch)

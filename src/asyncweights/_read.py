@@ -9,14 +9,18 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 from typing import Literal
 
 import mlx.core as mx
 
-from ._errors import BlobError, BlobMissingError, DigestMismatchError, LoadError
+from ._errors import (
+    AsyncWeightsError,
+    BlobError,
+    DigestMismatchError,
+)
+from ._files import open_file
 from ._plan import BlobPlan
 
 __all__ = ["read_direct", "read_lazy", "verify_file"]
@@ -41,7 +45,6 @@ _VIEWS: dict[str, tuple[_Format, mx.Dtype]] = {
     "F8_E4M3": ("B", mx.uint8),
     "F8_E8M0": ("B", mx.uint8),
 }
-_O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
 def read_direct(blob: BlobPlan, model: str, *, verify: bool) -> dict[str, mx.array]:
@@ -74,45 +77,19 @@ def read_direct(blob: BlobPlan, model: str, *, verify: bool) -> dict[str, mx.arr
 
 def _read_again(blob: BlobPlan, model: str) -> bytearray:
     """Read a small blob whole, proving it is still the file whose header was validated."""
-    size = blob.header.file_size
-    try:
-        fd = os.open(blob.path, _O_FLAGS)
-        try:
-            actual = os.fstat(fd).st_size
-            data = _pread_all(fd, size)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise _os_error(exc, blob, model) from exc
     header = blob.header
-    if actual != size or len(data) != size or data[: header.data_start] != header.raw:
+    try:
+        with open_file(blob.path, "blob") as f:
+            data = f.read_all() if f.size == header.file_size else None
+    except AsyncWeightsError as exc:
+        exc.add_context(model=model, digest=blob.digest)
+        raise
+    if data is None or data[: header.data_start] != header.raw:
         # Not the file whose header was validated: never load bytes nobody checked.
         raise BlobError(
             "blob changed while loading", model=model, digest=blob.digest, path=blob.path
         )
     return data
-
-
-def _pread_all(fd: int, size: int) -> bytearray:
-    data = bytearray(size)
-    view = memoryview(data)
-    done = 0
-    while done < size:
-        n = os.preadv(fd, [view[done:]], done)
-        if n == 0:
-            break
-        done += n
-    del view
-    return data if done == size else data[:done]
-
-
-def _os_error(exc: OSError, blob: BlobPlan, model: str) -> LoadError | BlobMissingError:
-    cls = BlobMissingError if exc.errno == errno.ENOENT else LoadError
-    what = "blob file is missing" if cls is BlobMissingError else "cannot read blob"
-    return cls(
-        f"{what}: {exc.strerror}", model=model, digest=blob.digest, path=blob.path,
-        errno=exc.errno,
-    )  # fmt: skip
 
 
 def read_lazy(blob: BlobPlan, model: str) -> dict[str, mx.array]:
@@ -123,9 +100,10 @@ def read_lazy(blob: BlobPlan, model: str) -> dict[str, mx.array]:
     except RuntimeError as exc:
         # MLX's message has no errno: open the file ourselves to learn the real cause.
         try:
-            os.close(os.open(path, _O_FLAGS))
-        except OSError as os_exc:
-            raise _os_error(os_exc, blob, model) from exc
+            open_file(path, "blob", expected_size=blob.header.file_size).close()
+        except AsyncWeightsError as typed:
+            typed.add_context(model=model, digest=blob.digest)
+            raise typed from exc
         raise BlobError(
             f"cannot open blob: {exc}", model=model, digest=blob.digest, path=blob.path
         ) from exc
@@ -151,11 +129,17 @@ _HASH_CHUNK = 8 << 20
 def verify_file(blob: BlobPlan, model: str) -> None:
     """Hash a blob's file in chunks (hashlib releases the GIL) and compare with its digest."""
     digest = hashlib.sha256()
-    with open(blob.path, "rb", buffering=0) as f:
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            digest.update(view[:n])
+    try:
+        with open_file(blob.path, "blob", expected_size=blob.header.file_size) as f:
+            buf = bytearray(_HASH_CHUNK)
+            view = memoryview(buf)
+            offset = 0
+            while n := f.read_into(buf, offset):
+                digest.update(view[:n])
+                offset += n
+    except AsyncWeightsError as exc:
+        exc.add_context(model=model, digest=blob.digest)
+        raise
     _check_digest(digest, blob, model)
 
 

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
-from ._errors import InvalidDigestError, InvalidNameError, ManifestError, ModelNotFoundError
+from ._errors import (
+    AsyncWeightsError,
+    InvalidDigestError,
+    InvalidNameError,
+    ManifestError,
+    ModelNotFoundError,
+)
+from ._files import read_file
+from ._limits import Limits
 
 if TYPE_CHECKING:
     from ._manifest import Manifest
@@ -231,39 +239,82 @@ class ModelStore:
         for name in await anyio.to_thread.run_sync(self.list_names):
             yield name
 
-    async def open(self, model: str | os.PathLike[str] | ModelName | Manifest) -> Model:
+    async def open(
+        self,
+        model: str | os.PathLike[str] | ModelName | Manifest,
+        *,
+        limits: Limits | None = None,
+    ) -> Model:
         """Resolve and decode a model: a name, a manifest file path, or a decoded `Manifest`.
+
+        A `str` is always a model name (Ollama's grammar); a manifest file is given as a
+        path object (`pathlib.Path` or any `os.PathLike`). The manifest is read through
+        one descriptor (a regular file no larger than ``limits.max_manifest_bytes``) and
+        decoded in a worker thread.
 
         Raises:
             ModelNotFoundError, InvalidNameError, ManifestError: as their names say.
         """
-        from ._manifest import Manifest, decode_manifest
+        from ._manifest import Manifest
         from ._model import Model
 
+        limits = limits or Limits()
         if isinstance(model, Manifest):
-            return Model(self, model, label="<manifest>", path=None)
-        path, label = await anyio.to_thread.run_sync(self._locate, model)
+            _check_layer_count(model, limits, label="<manifest>", path=None)
+            return Model(self, model, label="<manifest>", path=None, limits=limits)
+        return await anyio.to_thread.run_sync(self._open_blocking, model, limits)
+
+    def _open_blocking(self, model: str | os.PathLike[str] | ModelName, limits: Limits) -> Model:
+        from ._manifest import decode_manifest
+        from ._model import Model
+
+        path, label = self._locate(model)
         try:
-            data = await anyio.Path(path).read_bytes()
-        except FileNotFoundError as exc:
-            raise ModelNotFoundError("manifest file not found", model=label, path=path) from exc
-        except OSError as exc:
-            raise ManifestError(
-                f"cannot read manifest: {exc.strerror}", model=label, path=path, errno=exc.errno
-            ) from exc
+            data = read_file(
+                path,
+                "manifest",
+                max_size=limits.max_manifest_bytes,
+                cap="Limits.max_manifest_bytes",
+            )
+        except AsyncWeightsError as exc:
+            exc.add_context(model=label)
+            raise
         manifest = decode_manifest(data, model=label, path=path)
+        _check_layer_count(manifest, limits, label=label, path=path)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        return Model(self, manifest, label=label, path=path, digest=digest)
+        return Model(self, manifest, label=label, path=path, digest=digest, limits=limits)
 
     def _locate(self, model: str | os.PathLike[str] | ModelName) -> tuple[Path, str]:
         if isinstance(model, ModelName):
             return self.resolve(model), str(model)
         if isinstance(model, os.PathLike):
-            return Path(model), os.fspath(model)
-        if model.startswith(("/", ".", "~")):
-            # No model name can start so (FORMAT.md §1.4): it is a manifest file's path.
-            return Path(model).expanduser(), model
+            where = os.fspath(model)
+            if not isinstance(where, str):
+                raise ManifestError(f"a manifest path must be text, not {type(where).__name__}")
+            if "\0" in where:
+                raise ManifestError(
+                    "manifest path contains a NUL character", model=where.replace("\0", "\\x00")
+                )
+            return Path(where).expanduser(), where
+        if not isinstance(model, str):
+            raise InvalidNameError(
+                f"a model must be a name (str), a path object or a Manifest, "
+                f"not {type(model).__name__}"
+            )
+        # A str is a name, never a path: "/etc/passwd" or "../x" fail the name grammar.
         return self.resolve(model), model
+
+
+def _check_layer_count(
+    manifest: Manifest, limits: Limits, *, label: str, path: Path | None
+) -> None:
+    count = len(manifest.layers) + 1  # the config blob is a layer too
+    if count > limits.max_layers:
+        raise ManifestError(
+            f"manifest has {count} layers, over Limits.max_layers ({limits.max_layers})",
+            model=label,
+            path=path,
+        )
 
 
 def _children(folder: Path) -> list[Path]:
