@@ -58,6 +58,7 @@ def write_sharded(root: Path) -> dict[str, np.ndarray]:
 
 
 def write_pipeline(root: Path) -> dict[str, np.ndarray]:
+    """A diffusers-style pipeline with the file names diffusers and transformers save."""
     rng = np.random.default_rng(4)
     parts: dict[str, dict[str, np.ndarray]] = {
         "text_encoder": _source_tensors(5),
@@ -72,15 +73,27 @@ def write_pipeline(root: Path) -> dict[str, np.ndarray]:
     }
     for comp, tensors in parts.items():
         (root / comp).mkdir(parents=True)
-        save_file(tensors, str(root / comp / "model.safetensors"))
+        save_file(tensors, str(root / comp / PIPELINE_FILES[comp]))
         (root / comp / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
-    index = {"_class_name": "ToyPipeline", "_diffusers_version": "0.30.0", "vae": ["x", "y"]}
+    index = {
+        "_class_name": "ToyPipeline",
+        "_diffusers_version": "0.30.0",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen3Model"],
+        "transformer": ["diffusers", "ToyTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     (root / "model_index.json").write_text(json.dumps(index))
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text("{}")
     return {f"{c}/{k}": v for c, tensors in parts.items() for k, v in tensors.items()}
 
 
+PIPELINE_FILES = {
+    "text_encoder": "model.safetensors",
+    "transformer": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+}
 WRITERS = {"single": write_single, "sharded": write_sharded, "pipeline": write_pipeline}
 
 
@@ -114,7 +127,10 @@ async def test_import_reads_back_bit_exact(tmp_path: Path, kind: str, layout: An
             "architecture": "ToyPipeline",
             "parameter_count": sum(a.size for a in source.values()),
             "quantization": "bfloat16",
-            "vae": ["x", "y"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen3Model"],
+            "transformer": ["diffusers", "ToyTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
         }
         assert "scheduler/scheduler_config.json" in model.config_names
         vae = await aw.load_weights(model, "vae")
@@ -148,7 +164,7 @@ async def test_import_quantized_matches_mlx(
             assert raw(weights[name]) == expected.tobytes(), name
             continue
         comp, key = name.split("/", 1)
-        loaded = mx.load(str(tmp_path / "src" / comp / "model.safetensors"))
+        loaded = mx.load(str(tmp_path / "src" / comp / PIPELINE_FILES[comp]))
         assert isinstance(loaded, dict)
         ref = loaded[key]
         w, s, b = mx.quantize(ref, group_size=group, bits=bits)
@@ -243,7 +259,7 @@ def test_sigkill_midway_leaves_no_partial_blob_or_manifest(tmp_path: Path) -> No
     assert len(blobs) == 2
     for blob in blobs:
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name[len("sha256-") :]
-    assert len(list((store / "blobs").glob(".sha256-*.tmp"))) == 1  # loaders ignore it
+    assert len(list((store / "blobs").glob(".asyncweights-*.tmp"))) == 1  # loaders ignore it
     assert not [p for p in (store / "manifests").rglob("*") if p.is_file()]
     assert list(aw.ModelStore(store).list_names()) == []
     assert os.listdir(store / "blobs")  # the store itself is still usable

@@ -24,6 +24,7 @@ from ._errors import ModelNotFoundError as ModelNotFoundError
 from ._errors import QuantizationError as QuantizationError
 from ._errors import SizeMismatchError as SizeMismatchError
 from ._errors import SourceError as SourceError
+from ._errors import StoreWriteError as StoreWriteError
 from ._errors import UnsupportedDTypeError as UnsupportedDTypeError
 from ._import import import_model as import_model
 from ._limits import Limits as Limits
@@ -70,6 +71,7 @@ __all__ = [
     "QuantizationError",
     "SizeMismatchError",
     "SourceError",
+    "StoreWriteError",
     "Tensor",
     "TensorInfo",
     "UnsupportedDTypeError",

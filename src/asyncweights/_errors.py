@@ -18,7 +18,8 @@ Every error the library raises on purpose derives from `AsyncWeightsError`:
     ├── DuplicateTensorError        two blobs define the same tensor name
     ├── QuantizationError           a quantized weight whose facts do not add up
     ├── BudgetError                 a load larger than the configured memory budget
-    ├── SourceError                 an import's source directory is missing or no model
+    ├── SourceError                 an import's source is missing, unreadable or refused
+    ├── StoreWriteError             writing the store failed (ENOSPC, EIO, EACCES …)
     └── LoadError                   reading or evaluating tensors failed (I/O, callbacks)
 
 Messages are built from the stored fields, so the model, tensor, digest and file a
@@ -50,6 +51,7 @@ __all__ = [
     "QuantizationError",
     "SizeMismatchError",
     "SourceError",
+    "StoreWriteError",
     "UnsupportedDTypeError",
 ]
 
@@ -65,6 +67,7 @@ class AsyncWeightsError(Exception):
         digest: the blob digest (``sha256:<hex>``), if the error concerns one.
         path: the file involved, if any.
         errno: the operating system's error number, when an OS error caused it.
+        store: the models root the error concerns, when the operation writes one (import).
     """
 
     def __init__(
@@ -76,8 +79,10 @@ class AsyncWeightsError(Exception):
         digest: str | None = None,
         path: str | os.PathLike[str] | None = None,
         errno: int | None = None,
+        store: str | os.PathLike[str] | None = None,
     ) -> None:
         self.reason = reason
+        self.store = None if store is None else Path(store)
         self.model = model
         self.tensor = tensor
         self.digest = digest
@@ -91,6 +96,8 @@ class AsyncWeightsError(Exception):
         where = []
         if self.model is not None:
             where.append(f"model {self.model!r}")
+        if self.store is not None:
+            where.append(f"store {str(self.store)!r}")
         if self.tensor is not None:
             where.append(f"tensor {self.tensor!r}")
         if self.digest is not None:
@@ -105,7 +112,7 @@ class AsyncWeightsError(Exception):
         """Fill in fields still unknown where the error was raised, and refresh the message."""
         for name, value in fields.items():
             if value is not None and getattr(self, name) is None:
-                setattr(self, name, Path(value) if name == "path" else value)
+                setattr(self, name, Path(value) if name in ("path", "store") else value)
         self.args = (self._message(),)
 
     def __str__(self) -> str:
@@ -202,7 +209,14 @@ class BudgetError(AsyncWeightsError, MemoryError):
 
 
 class SourceError(AsyncWeightsError):
-    """The source directory of an import is missing, empty or not a model layout."""
+    """An import's source is missing, unreadable, or a layout or format that is refused."""
+
+
+class StoreWriteError(AsyncWeightsError, OSError):
+    """Writing the store failed; ``errno`` is the OS error's (ENOSPC, EIO, EACCES …).
+
+    The import that raised it has removed every blob it created that no manifest references.
+    """
 
 
 class LoadError(AsyncWeightsError):

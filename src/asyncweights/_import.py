@@ -1,23 +1,25 @@
-"""Importing a Hugging Face or diffusers safetensors directory into a store, as Ollama does.
+"""Importing a downloaded model folder into a store, as Ollama does, all or nothing.
 
-    scan the source (headers only) ─► one worker call per tensor: copy its bytes in chunks,
-    or quantize it with MLX ─► atomic blobs ─► JSON config layers ─► config blob ─► manifest
+    recognize the source (`_source`: headers and JSON only) ─► one worker call per tensor:
+    copy its bytes in chunks, repack a pre-quantized weight, or quantize with MLX ─► atomic
+    blobs ─► JSON config layers ─► config blob ─► manifest (the commit point)
 
-Three source shapes are recognized (FORMAT.md §4): a diffusers pipeline (``model_index.json``
-with ``text_encoder/``, ``transformer/`` and ``vae/`` folders), a sharded model
-(``model.safetensors.index.json``), and a single-model folder (``config.json`` beside its
-``*.safetensors``). Every blob is written to a temporary file, fsynced and renamed to its
-digest, and the manifest is written last the same way, so an import killed at any point
-leaves no partial blob and no manifest. Identical tensors share one content-addressed blob.
+Every blob is written to a locked temporary file, fsynced and renamed to its digest, and the
+manifest is written last the same way. If anything fails before the manifest is in place, the
+blobs this import created that no manifest references are removed again, as are the folders
+it created, so the store is left as it was. Temporary files of imports killed earlier are
+removed by the next import once they are provably dead (`_writer.remove_stale_temps`).
+Identical tensors share one content-addressed blob.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -26,17 +28,15 @@ import anyio.to_thread
 import mlx.core as mx
 import msgspec
 
-from ._errors import AsyncWeightsError, DuplicateTensorError, SourceError, single_error
-from ._header import TensorEntry, read_header
+from ._errors import AsyncWeightsError, SourceError, StoreWriteError, single_error
 from ._limits import Limits
 from ._model import Model
 from ._progress import Progress, ProgressCallback, ProgressReporter
 from ._quantize import QuantParams, quant_params, quantize_array, should_quantize
+from ._source import PackedSource, Source, SourceTensor, scan_source
 from ._store import ModelName, ModelStore
 from ._writer import (
-    COMPONENTS,
     CONFIG_MEDIA_TYPE,
-    IMAGEGEN_CONFIGS,
     JSON_MEDIA_TYPE,
     TENSOR_MEDIA_TYPE,
     Layer,
@@ -44,6 +44,8 @@ from ._writer import (
     build_config,
     build_manifest,
     encode_json,
+    manifest_path,
+    remove_stale_temps,
     tensor_from_array,
     write_blob,
     write_manifest,
@@ -53,107 +55,31 @@ from ._writer import (
 __all__ = ["import_model", "write_quantized"]
 
 ImportLayout: TypeAlias = Literal["named", "data"]
-_SHARD_INDEX = "model.safetensors.index.json"
 _QUANTIZE = {"q4": "int4", "int4": "int4", "q8": "int8", "int8": "int8"}
 # E0 labels in model_index.json ("Q4" is affine 4-bit group 32, "Q8" group 64: §5.1).
 _E0_LABELS = {"int4": "Q4", "int8": "Q8"}
-_CHUNK = 8 << 20
+_DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
 _json = msgspec.json.Decoder()
 
 
-@dataclass(frozen=True, slots=True)
-class SourceTensor:
-    """One tensor of the source: its logical name and where its bytes are."""
+class _Tally:
+    """Bytes and tensors done, shared by the worker threads and the progress ticker."""
 
-    name: str
-    path: Path
-    entry: TensorEntry
-    data_start: int
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.tensors = 0
+        self.last: str | None = None
 
-    @property
-    def component(self) -> str | None:
-        return self.name.split("/", 1)[0] if "/" in self.name else None
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
 
-    @property
-    def bare(self) -> str:
-        return self.name.split("/", 1)[1] if "/" in self.name else self.name
-
-    def chunks(self) -> Iterator[bytes]:
-        """The tensor's bytes, read in chunks so a big tensor never sits in memory whole."""
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            offset = self.data_start + self.entry.begin
-            end = self.data_start + self.entry.end
-            while offset < end:
-                chunk = os.pread(fd, min(_CHUNK, end - offset), offset)
-                if not chunk:
-                    raise SourceError("source file is shorter than its header says", path=self.path)
-                offset += len(chunk)
-                yield chunk
-        finally:
-            os.close(fd)
-
-
-@dataclass(slots=True)
-class Source:
-    """A scanned source directory: tensors in manifest order and config files."""
-
-    root: Path
-    pipeline: bool
-    tensors: list[SourceTensor]
-    configs: list[tuple[str, Path]]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.entry.nbytes for t in self.tensors)
-
-
-def scan_source(root: Path) -> Source:
-    """Find the tensors and configs of a source directory, reading only headers (blocking).
-
-    Raises:
-        SourceError: not a directory, or no safetensors files where the layout wants them.
-        HeaderError: a source file's header breaks a safetensors rule.
-        DuplicateTensorError: two files define the same tensor.
-    """
-    if not root.is_dir():
-        raise SourceError("source is not a directory", path=root)
-    if (root / "model_index.json").is_file():
-        files: list[tuple[str | None, Path]] = []
-        for comp in COMPONENTS:
-            files += [(comp, p) for p in sorted((root / comp).glob("*.safetensors"))]
-        configs = [(n, root / n) for n in IMAGEGEN_CONFIGS if (root / n).is_file()]
-        pipeline = True
-    else:
-        index = root / _SHARD_INDEX
-        if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise SourceError("shard index has no weight_map", path=index)
-            shards = sorted({str(f) for f in weight_map.values()})
-            files = [(None, root / f) for f in shards]
-            for _, path in files:
-                if not path.is_file() or path.parent != root:
-                    raise SourceError("shard named by the index is missing", path=path)
-        else:
-            files = [(None, p) for p in sorted(root.glob("*.safetensors"))]
-        configs = [(p.name, p) for p in sorted(root.glob("*.json")) if p.name != _SHARD_INDEX]
-        pipeline = False
-    if not files:
-        raise SourceError("no *.safetensors files found", path=root)
-    tensors: list[SourceTensor] = []
-    seen: dict[str, Path] = {}
-    for prefix, path in files:
-        header = read_header(path, expected_size=None)
-        for key in sorted(header.entries):
-            name = f"{prefix}/{key}" if prefix else key
-            if name in seen:
-                raise DuplicateTensorError(
-                    f"tensor defined twice, also by {str(seen[name])!r}", tensor=name, path=path
-                )
-            seen[name] = path
-            tensors.append(SourceTensor(name, path, header.entries[key], header.data_start))
-    return Source(root, pipeline, tensors, configs)
+    def finish(self, name: str, nbytes_left: int) -> None:
+        with self._lock:
+            self.bytes += nbytes_left
+            self.tensors += 1
+            self.last = name
 
 
 def write_quantized(
@@ -163,6 +89,7 @@ def write_quantized(
     params: QuantParams,
     *,
     layout: ImportLayout,
+    created: set[str] | None = None,
 ) -> list[Layer]:
     """Quantize one weight and write it as Ollama does; return its layers (blocking).
 
@@ -177,33 +104,65 @@ def write_quantized(
         for layer_name, part in parts:
             if part is None:
                 continue
-            blob = write_tensor_blob(root, [tensor_from_array("data", part)], style="mlx")
+            blob = write_tensor_blob(
+                root, [tensor_from_array("data", part)], style="mlx", created=created
+            )
             layers.append(Layer(TENSOR_MEDIA_TYPE, blob.digest, blob.size, layer_name))
         return layers
     entries = [tensor_from_array(name, weight), tensor_from_array(name + ".scale", scales)]
     if biases is not None:
         entries.append(tensor_from_array(name + ".bias", biases))
     meta = {"quant_type": params.type, "group_size": str(params.group_size)}
-    blob = write_tensor_blob(root, entries, style="mlx", metadata=meta)
+    blob = write_tensor_blob(root, entries, style="mlx", metadata=meta, created=created)
     return [Layer(TENSOR_MEDIA_TYPE, blob.digest, blob.size, name)]
 
 
-def _import_tensor(
-    root: Path, tensor: SourceTensor, params: QuantParams | None, layout: ImportLayout
+def _import_item(
+    root: Path,
+    item: SourceTensor | PackedSource,
+    params: QuantParams | None,
+    layout: ImportLayout,
+    pipeline: bool,
+    created: set[str],
+    tally: _Tally,
 ) -> list[Layer]:
     """Write one source tensor's blobs (a worker-thread call: MLX arrays stay on one thread)."""
+    if isinstance(item, PackedSource):
+        # Repacked as Ollama's prequantized import does (FORMAT.md §3.4): X, X.scale, X.bias
+        # in one Go-written blob; the bytes are the source's, unchanged. Pipeline keys keep
+        # their component, as Ollama's quantized image-gen blobs do (§3.3).
+        q = item.quantization
+        names = [item.name, item.name + ".scale", item.name + ".bias"]
+        parts = [
+            Tensor(key, t.entry.dtype, t.entry.shape, t.chunks(tally.add_bytes))
+            for key, t in zip(names, item.parts, strict=False)
+        ]
+        meta = {"quant_type": q.type, "group_size": str(q.group_size)}
+        blob = write_tensor_blob(root, parts, style="go", metadata=meta, created=created)
+        tally.finish(item.name, 0)
+        return [Layer(TENSOR_MEDIA_TYPE, blob.digest, blob.size, item.name)]
+    tensor = item
     entry = tensor.entry
     if params is not None:
         loaded = mx.load(os.fspath(tensor.path), format="safetensors")
         assert isinstance(loaded, dict)
         try:
-            return write_quantized(root, tensor.name, loaded[entry.key], params, layout=layout)
+            layers = write_quantized(
+                root, tensor.name, loaded[tensor.key], params, layout=layout, created=created
+            )
         finally:
             del loaded
-    # Unquantized named blobs are keyed by the bare name, the layer keeps the prefix (§3.2).
-    key = "data" if layout == "data" else tensor.bare
-    data = Tensor(key, entry.dtype, entry.shape, tensor.chunks())
-    blob = write_tensor_blob(root, [data], style="go")
+        tally.finish(tensor.name, entry.nbytes)
+        return layers
+    if layout == "data":
+        key = "data"
+    elif pipeline and not tensor.key.startswith(f"{tensor.component}/"):
+        key = tensor.key  # Ollama keys an unquantized image-gen blob by the bare name (§3.2)
+    else:
+        key = tensor.name  # the reader names it exactly this (§3.6), "/" and all
+    data = Tensor(key, entry.dtype, entry.shape, tensor.chunks(tally.add_bytes))
+    blob = write_tensor_blob(root, [data], style="go", created=created)
+    tally.finish(tensor.name, 0)
     return [Layer(TENSOR_MEDIA_TYPE, blob.digest, blob.size, tensor.name)]
 
 
@@ -214,31 +173,48 @@ async def import_model(
     store: str | os.PathLike[str] | ModelStore | None = None,
     layout: ImportLayout = "named",
     quantize: str | None = None,
+    variant: str | None = None,
     on_progress: ProgressCallback | None = None,
     limits: Limits | None = None,
 ) -> Model:
-    """Import a safetensors model directory into the store under `name`.
+    """Import a downloaded safetensors model folder into the store under `name`.
+
+    Source layouts recognized (each selected as the tool that wrote it loads it by default):
+    a Hugging Face folder (``model.safetensors``, or any ``*.safetensors``), a sharded one
+    (``model.safetensors.index.json``), an mlx-lm quantized model (``config.json`` with a
+    ``quantization`` block: its packed weights are stored as they are, in Ollama's quantized
+    blob grammar), and a diffusers pipeline (``model_index.json``; every declared component
+    that holds weights, each from its own file or shard index). Other pre-quantized
+    checkpoints (FP8, NVFP4, MXFP4, GPTQ, AWQ …) are refused with an error naming the format.
 
     Args:
-        source_dir: a diffusers pipeline folder (``model_index.json``), a sharded model
-            (``model.safetensors.index.json``) or a folder with ``config.json`` and
-            ``*.safetensors``.
+        source_dir: the folder to import.
         name: the model name to write, e.g. ``"z-image:latest"``.
         store: the models root or a `ModelStore`; defaults as for `load_weights`.
         layout: ``"named"`` (blobs keyed by tensor name, E1 and later) or ``"data"``
-            (one ``"data"`` tensor a blob, E0).
+            (one ``"data"`` tensor a blob, E0; not for pre-quantized sources).
         quantize: ``"q4"``/``"int4"`` or ``"q8"``/``"int8"`` to quantize the weights
-            Ollama's rule selects with MLX (affine); None keeps the source dtypes.
-        on_progress: receives `Progress` events as tensors are written (``phase``
-            ``"loading"``, then ``"done"``).
-        limits: ``workers`` bounds the tensors written at once.
+            Ollama's rule selects with MLX (affine); None keeps the source as it is.
+        variant: a Hugging Face weight variant such as ``"fp16"``
+            (``model.fp16.safetensors``), as ``from_pretrained(variant=...)`` loads.
+        on_progress: receives `Progress` events: ``"planning"`` while the source is read,
+            ``"writing"`` as source bytes are hashed and written (``completed_bytes`` of
+            ``total_bytes``, the source tensors' sizes), then ``"done"``.
+        limits: ``workers`` bounds the tensors written at once; ``progress_interval``.
 
     Returns:
         The imported model, opened from the store.
 
     Raises:
-        SourceError, HeaderError, DuplicateTensorError: the source is unusable.
-        InvalidNameError: `name` breaks Ollama's grammar. OSError: writing the store failed.
+        SourceError: the source is missing, unreadable (``errno`` set) or refused.
+        HeaderError, DuplicateTensorError: a source file is malformed.
+        StoreWriteError: writing the store failed (ENOSPC, EIO, EACCES …; an `OSError`
+            with ``errno``, naming the model, store and file).
+        InvalidNameError: `name` breaks Ollama's grammar.
+        ValueError: a bad `layout` or `quantize` value.
+
+    On any error (and on cancellation) every blob this import created that no manifest
+    references is removed, and the store is as it was before.
     """
     ModelName.parse(name)
     if layout not in ("named", "data"):
@@ -253,71 +229,184 @@ async def import_model(
     model_store = store if isinstance(store, ModelStore) else ModelStore(store)
     root = model_store.root
     started = time.monotonic()
-    source = await anyio.to_thread.run_sync(scan_source, Path(source_dir))
-
-    results: list[list[Layer]] = [[] for _ in source.tensors]
-    total = source.total_bytes
-    done = [0, 0]  # bytes, tensors
     reporter = ProgressReporter(on_progress, limits.progress_interval, name)
+    tally = _Tally()
+    created: set[str] = set()
+    new_dirs = _missing_dirs(root, name)
+    total = [0, 0]  # bytes, tensors
 
-    def event(phase: Literal["loading", "done"], tensor: str | None) -> Progress:
+    def event(phase: Literal["planning", "writing", "done"]) -> Progress:
         return Progress(
-            phase, done[0], total, done[1], len(source.tensors), time.monotonic() - started,
-            tensor, name,
+            phase, tally.bytes, total[0], tally.tensors, total[1], time.monotonic() - started,
+            tally.last, name,
         )  # fmt: skip
 
-    indices = iter(range(len(source.tensors)))
-
-    async def worker() -> None:
-        for i in indices:  # shared: each worker takes the next tensor not yet taken
-            t = source.tensors[i]
-            p = (
-                params
-                if params and should_quantize(t.name, *_facts(t), params.group_size)
-                else None
-            )
-            results[i] = await anyio.to_thread.run_sync(_import_tensor, root, t, p, layout)
-            done[0] += t.entry.nbytes
-            done[1] += 1
-            reporter.emit(event("loading", t.name))
+    async def ticker() -> None:
+        while True:
+            await anyio.sleep(limits.progress_interval)
+            reporter.emit(event("writing"))
 
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(reporter.run)
-            reporter.emit(event("loading", None), force=True)
+            reporter.emit(event("planning"), force=True)
             try:
-                async with anyio.create_task_group() as writers:
-                    for _ in range(min(limits.workers, len(source.tensors))):
-                        writers.start_soon(worker)
+                source = await anyio.to_thread.run_sync(_scan, Path(source_dir), variant)
+                _check_options(source, qtype, layout)
+                total[:] = [source.total_bytes, len(source.items)]
+                await anyio.to_thread.run_sync(_sweep, root, name)
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(ticker)
+                    layers = await _write_items(
+                        root, source, params, layout, created, tally, limits, reporter, event
+                    )
+                    layers += await anyio.to_thread.run_sync(
+                        _write_configs, root, source, qtype, layout, created
+                    )
+                    file_type = source.quantization.type if source.quantization else ""
+                    config = build_config(
+                        file_type="" if layout == "data" else (qtype or file_type),
+                        capabilities=["image"] if source.pipeline else ["completion"],
+                        requires="0.14.0" if layout == "data" else "0.19.0",
+                    )
+                    blob = await anyio.to_thread.run_sync(_write_bytes, root, config, created)
+                    config_layer = Layer(CONFIG_MEDIA_TYPE, blob.digest, blob.size)
+                    manifest = build_manifest(config_layer, layers)
+                    await anyio.to_thread.run_sync(write_manifest, root, name, manifest)
+                    inner.cancel_scope.cancel()  # the ticker
             except BaseException:
                 reporter.close(None)
                 raise
-            layers = [layer for group in results for layer in group]
-            layers += await anyio.to_thread.run_sync(_write_configs, root, source, qtype, layout)
-            config = build_config(
-                file_type="" if layout == "data" else (qtype or ""),
-                capabilities=["image"] if source.pipeline else ["completion"],
-                requires="0.14.0" if layout == "data" else "0.19.0",
-            )
-            blob = await anyio.to_thread.run_sync(write_blob, root, [config])
-            config_layer = Layer(CONFIG_MEDIA_TYPE, blob.digest, blob.size)
-            manifest = build_manifest(config_layer, layers)
-            await anyio.to_thread.run_sync(write_manifest, root, name, manifest)
-            reporter.close(event("done", None))
-    except BaseExceptionGroup as group:
-        error = single_error(group, (AsyncWeightsError, OSError))
-        if error is None:
+            reporter.close(event("done"))
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_roll_back, root, created, new_dirs)
+        typed = _typed(exc, name, root)
+        if typed is exc:
             raise
-        raise error from error.__cause__
+        raise typed from typed.__cause__
     return await model_store.open(name)
 
 
-def _facts(tensor: SourceTensor) -> tuple[str, tuple[int, ...]]:
-    return tensor.entry.dtype, tensor.entry.shape
+async def _write_items(
+    root: Path,
+    source: Source,
+    params: QuantParams | None,
+    layout: ImportLayout,
+    created: set[str],
+    tally: _Tally,
+    limits: Limits,
+    reporter: ProgressReporter,
+    event: Any,
+) -> list[Layer]:
+    results: list[list[Layer]] = [[] for _ in source.items]
+    indices = iter(range(len(source.items)))
+
+    async def worker() -> None:
+        for i in indices:  # shared: each worker takes the next tensor not yet taken
+            item = source.items[i]
+            p = None
+            if params is not None and isinstance(item, SourceTensor):
+                facts = (item.entry.dtype, item.entry.shape, params.group_size)
+                p = params if should_quantize(item.name, *facts) else None
+            results[i] = await anyio.to_thread.run_sync(
+                _import_item, root, item, p, layout, source.pipeline, created, tally
+            )
+            reporter.emit(event("writing"))
+
+    async with anyio.create_task_group() as writers:
+        for _ in range(min(limits.workers, len(source.items))):
+            writers.start_soon(worker)
+    return [layer for group in results for layer in group]
+
+
+def _scan(path: Path, variant: str | None) -> Source:
+    return scan_source(path, variant=variant)
+
+
+def _check_options(source: Source, qtype: str | None, layout: ImportLayout) -> None:
+    if source.quantization is None and not any(isinstance(i, PackedSource) for i in source.items):
+        return
+    if qtype is not None:
+        raise SourceError(
+            f"source is already quantized ({source.layout}); it cannot be quantized again",
+            path=source.root,
+        )
+    if layout == "data":
+        raise SourceError(
+            "a pre-quantized source needs the 'named' layout: E0 'data' blobs have no "
+            "quantization labels",
+            path=source.root,
+        )
+
+
+def _typed(exc: BaseException, model: str, root: Path) -> BaseException:
+    """The error to raise: ours with model and store filled in, OS errors as StoreWriteError.
+
+    Anything else (cancellation, KeyboardInterrupt) is returned unchanged.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        error = single_error(exc, (AsyncWeightsError, OSError))
+        if error is None:
+            return exc  # an interrupt or a bug: the whole group, nothing hidden
+        exc = error
+    if isinstance(exc, AsyncWeightsError):
+        exc.add_context(model=model, store=root)
+        return exc
+    if isinstance(exc, OSError):
+        err = StoreWriteError(
+            f"cannot write the store: {exc.strerror or exc}",
+            model=model, store=root, path=exc.filename, errno=exc.errno,
+        )  # fmt: skip
+        err.__cause__ = exc
+        return err
+    return exc
+
+
+def _sweep(root: Path, name: str) -> None:
+    """Remove dead imports' temporary files from blobs/ and this model's manifest folder."""
+    remove_stale_temps(root / "blobs")
+    remove_stale_temps(manifest_path(root, name).parent)
+
+
+def _missing_dirs(root: Path, name: str) -> list[Path]:
+    """The folders an import may create that do not exist yet, deepest first."""
+    manifest_dir = manifest_path(root, name).parent
+    chain = [manifest_dir, *manifest_dir.parents]
+    candidates = [root / "blobs", *(p for p in chain if p == root or root in p.parents)]
+    missing = {p for p in candidates if not p.exists()}
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
+
+
+def _roll_back(root: Path, created: set[str], new_dirs: list[Path]) -> None:
+    """Remove the blobs this import made that no manifest references, and its new folders.
+
+    A manifest's references are every ``sha256:<hex>`` in its bytes, so even a manifest that
+    does not parse keeps its blobs.
+    """
+    referenced: set[bytes] = set()
+    manifests = root / "manifests"
+    if created and manifests.is_dir():
+        for dirpath, _, files in os.walk(manifests):
+            for file in files:
+                try:
+                    referenced.update(_DIGEST.findall(Path(dirpath, file).read_bytes()))
+                except OSError:
+                    continue
+    for digest in created:
+        if digest.encode() not in referenced:
+            Path(root, "blobs", digest.replace(":", "-")).unlink(missing_ok=True)
+    for path in new_dirs:
+        with contextlib.suppress(OSError):  # not empty (another writer uses it), or gone
+            path.rmdir()
+
+
+def _write_bytes(root: Path, data: bytes, created: set[str]) -> Any:
+    return write_blob(root, [data], created=created)
 
 
 def _write_configs(
-    root: Path, source: Source, qtype: str | None, layout: ImportLayout
+    root: Path, source: Source, qtype: str | None, layout: ImportLayout, created: set[str]
 ) -> list[Layer]:
     """Write the JSON config layers (blocking); model_index.json rewritten as Ollama does."""
     layers = []
@@ -325,13 +414,13 @@ def _write_configs(
         data = path.read_bytes()
         if source.pipeline and name == "model_index.json":
             data = _pipeline_index(source, _read_json(path), qtype, layout)
-        blob = write_blob(root, [data])
+        blob = write_blob(root, [data], created=created)
         layers.append(Layer(JSON_MEDIA_TYPE, blob.digest, blob.size, name))
     if not source.pipeline and qtype is not None and layout == "data":
         # E0 LLM imports added a synthetic model_index.json when quantizing (FORMAT.md §4.3).
         group = quant_params(qtype, era="E0").group_size
         data = encode_json({"group_size": group, "quantization": _E0_LABELS[qtype]})
-        blob = write_blob(root, [data])
+        blob = write_blob(root, [data], created=created)
         layers.append(Layer(JSON_MEDIA_TYPE, blob.digest, blob.size, "model_index.json"))
     return layers
 

@@ -16,7 +16,7 @@ from ._errors import LoadError
 
 __all__ = ["Progress", "ProgressCallback"]
 
-Phase = Literal["planning", "loading", "verifying", "done"]
+Phase = Literal["planning", "loading", "verifying", "writing", "done"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +24,10 @@ class Progress:
     """How far a load has come.
 
     Attributes:
-        phase: ``"planning"`` (headers), ``"loading"`` or ``"done"`` (the final event).
-        completed_bytes, total_bytes: tensor bytes evaluated so far, and in all.
+        phase: ``"planning"`` (headers), ``"loading"`` or ``"done"`` (the final event);
+            an import reports ``"writing"`` instead of ``"loading"``.
+        completed_bytes, total_bytes: tensor bytes evaluated so far, and in all (for an
+            import: source tensor bytes hashed and written to the store).
         completed_tensors, total_tensors: tensors evaluated so far, and in all.
         elapsed: seconds since the load started.
         tensor: the last tensor finished, if any.
@@ -51,7 +53,8 @@ class Progress:
     def to_ollama(self) -> dict[str, Any]:
         """The event in Ollama's pull-progress shape: status, digest, total, completed."""
         status = {"planning": "pulling manifest", "done": "success"}.get(
-            self.phase, f"loading {self.model}".strip()
+            self.phase,
+            f"{'writing' if self.phase == 'writing' else 'loading'} {self.model}".strip(),
         )
         event: dict[str, Any] = {"status": status}
         if self.phase != "planning":

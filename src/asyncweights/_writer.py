@@ -18,15 +18,19 @@ order (MLX writes in hash-map order).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import math
 import os
 import re
+import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple, TypeAlias
 
 import mlx.core as mx
 import msgspec
@@ -96,6 +100,11 @@ _DEFAULT_NAMESPACE = "library"
 _DEFAULT_TAG = "latest"
 _HEX_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _TEMP_SUFFIX = ".tmp"
+#: Every temporary file this package writes starts with this, then ``<pid>-``.
+TEMP_PREFIX = ".asyncweights-"
+_TEMP_NAME = re.compile(r"\.asyncweights-[0-9]+-[A-Za-z0-9_]+\.tmp")
+#: Seconds a temporary file must be untouched before another process may take it as stale.
+STALE_TEMP_AGE = 600.0
 _encoder = msgspec.json.Encoder()
 
 
@@ -237,42 +246,124 @@ def blob_path(root: StrPath, digest: str) -> Path:
     return Path(root, "blobs", digest.replace(":", "-"))
 
 
-def write_blob(root: StrPath, chunks: Iterable[Buffer]) -> Blob:
+def write_blob(
+    root: StrPath,
+    chunks: Iterable[Buffer],
+    *,
+    created: set[str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Blob:
     """Write bytes atomically as a content-addressed blob in ``<root>/blobs/``.
 
-    The chunks are streamed to a ``*.tmp`` file in ``blobs/`` while hashing, fsynced and renamed
-    to ``sha256-<hex>``; the directory is fsynced. If that blob already exists the temporary file
-    is dropped instead. On any error the temporary file is removed and no blob appears.
+    The chunks are streamed to a temporary file in ``blobs/`` (see `temp_file`) while
+    hashing, fsynced and renamed to ``sha256-<hex>``; the directory is fsynced. If that blob
+    already exists the temporary file is dropped instead. On any error the temporary file is
+    removed and no blob appears; an OS error names the file it concerns.
+
+    Args:
+        created: receives the digest when this call made a new blob file (so a failed
+            import knows which blobs are its own).
+        on_bytes: called with each chunk's length once it is hashed and written.
 
     Returns:
         the blob's digest and size.
     """
     blobs = Path(root, "blobs")
     blobs.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".sha256-", suffix=_TEMP_SUFFIX, dir=blobs)
-    try:
+    with temp_file(blobs) as (f, tmp_name):
         hasher = hashlib.sha256()
         size = 0
-        with open(fd, "wb", closefd=True) as f:
-            os.fchmod(f.fileno(), 0o644)
-            for chunk in chunks:
-                hasher.update(chunk)
+        for chunk in chunks:  # an error of the source itself passes through unchanged
+            hasher.update(chunk)
+            with _naming(tmp_name):
                 f.write(chunk)
-                size += chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
+            n = chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
+            size += n
+            if on_bytes is not None:
+                on_bytes(n)
+        with _naming(tmp_name):
             f.flush()
             os.fsync(f.fileno())
         blob = Blob("sha256:" + hasher.hexdigest(), size)
         final = blob_path(root, blob.digest)
-        if final.exists():
-            os.unlink(tmp_name)
-        else:
+        if not final.exists():
             os.replace(tmp_name, final)
+            if created is not None:
+                created.add(blob.digest)
             _fsync_dir(blobs)
-    except BaseException:
+    return blob
+
+
+@contextlib.contextmanager
+def temp_file(directory: Path) -> Iterator[tuple[BinaryIO, str]]:
+    """A new temporary file in `directory`, locked while it is written; removed on exit.
+
+    Its name is ``.asyncweights-<pid>-<random>.tmp``: a leading dot keeps it out of Ollama's
+    listings and of manifest tags, and the prefix marks it as ours. The open file holds an
+    exclusive ``flock`` until it is closed, so `remove_stale_temps` can prove that no live
+    process (in any PID namespace on this kernel) still writes it. The caller renames it
+    before exit to keep it; whatever is still under the name at exit is removed.
+    """
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=_TEMP_SUFFIX, dir=directory
+    )
+    try:
+        with open(fd, "w+b", closefd=True) as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            os.fchmod(f.fileno(), 0o644)
+            yield f, tmp_name
+    finally:
         # open() owns the descriptor and closed it; only the name can be left behind.
         Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return blob
+
+
+def remove_stale_temps(directory: Path, *, min_age: float = STALE_TEMP_AGE) -> list[str]:
+    """Remove temporary files that killed writers left in `directory` (blocking).
+
+    A file is removed only when all of these hold: its name is one `temp_file` makes, it is
+    a regular file not modified for `min_age` seconds, and its ``flock`` can be taken at
+    once (the lock dies with the process that held it, so a live writer's file is never
+    touched; the age check covers the instant between creating a file and locking it).
+    Other files, Ollama's own ``*-partial``/``sha256-<digits>`` temporaries included, are
+    left alone.
+
+    Returns:
+        the names removed.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    now = time.time()
+    for name in names:
+        if not _TEMP_NAME.fullmatch(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < min_age:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer holds it
+            try:
+                same = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 def write_tensor_blob(
@@ -281,9 +372,12 @@ def write_tensor_blob(
     *,
     style: Style,
     metadata: Mapping[str, str] | None = None,
+    created: set[str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> Blob:
-    """Encode tensors as safetensors and write them atomically as a blob."""
-    return write_blob(root, iter_safetensors(tensors, style=style, metadata=metadata))
+    """Encode tensors as safetensors and write them atomically as a blob (see `write_blob`)."""
+    chunks = iter_safetensors(tensors, style=style, metadata=metadata)
+    return write_blob(root, chunks, created=created, on_bytes=on_bytes)
 
 
 def encode_json(obj: object, *, indent: int | None = None, newline: bool = False) -> bytes:
@@ -361,20 +455,24 @@ def write_manifest(root: StrPath, name: str, manifest: Mapping[str, Any] | bytes
     path = manifest_path(root, name)
     data = manifest if isinstance(manifest, bytes) else _encoder.encode(manifest) + b"\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A leading dot makes the temporary name an invalid tag, so listings skip it.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=_TEMP_SUFFIX, dir=path.parent)
-    try:
-        with open(fd, "wb", closefd=True) as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with temp_file(path.parent) as (f, tmp_name), _naming(tmp_name):
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
         os.replace(tmp_name, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return path
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """Let an OS error of a write name the file written (ENOSPC carries no file name)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None and exc.filename is None:
+            exc.filename = path
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
