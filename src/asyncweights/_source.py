@@ -270,13 +270,20 @@ def _variant(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-def _no_safetensors(folder: Path, reason: str) -> None:
-    others = sorted(p.name for p in folder.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
-    if others:
+def _no_safetensors(folder: Path, reason: str, variant: str | None = None) -> None:
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
+    loadable = [n for n in names if n.endswith(".safetensors")]
+    if loadable:
+        when = "without a variant" if variant is None else f"for variant {variant!r}"
         raise SourceError(
-            f"{reason}; {others[0]!r} is not safetensors (pickle, ONNX and GGUF files are "
+            f"{reason}; {loadable[0]!r} is not a file its library loads {when}",
+            path=folder / loadable[0],
+        )
+    if names:
+        raise SourceError(
+            f"{reason}; {names[0]!r} is not safetensors (pickle, ONNX and GGUF files are "
             "not imported)",
-            path=folder / others[0],
+            path=folder / names[0],
         )
     raise SourceError(reason, path=folder)
 
@@ -363,7 +370,8 @@ def _component_files(
         return found[0]
     if any(p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir()):
         names = " or ".join(_variant(f"{f}.safetensors", variant) for f in families)
-        _no_safetensors(folder, f"component {folder.name!r} has no {names} (nor its index)")
+        reason = f"component {folder.name!r} has no {names} (nor its index)"
+        _no_safetensors(folder, reason, variant)
     return [], None
 
 
