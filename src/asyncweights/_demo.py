@@ -200,7 +200,7 @@ class _Patterns:
             values = mx.random.normal([count], key=mx.random.key(0x5EED)) * 0.02
             array = values.astype(mlx_dtype)
             mx.eval(array)
-            self._blocks[dtype] = bytes(memoryview(array))  # type: ignore[arg-type]
+            self._blocks[dtype] = bytes(memoryview(array))  # type: ignore[arg-type, unused-ignore]
         return self._blocks[dtype]
 
     def chunks(self, tensor: DemoTensor) -> Iterator[bytes]:

@@ -177,8 +177,9 @@ def tensor_from_array(name: str, array: mx.array, *, dtype: str | None = None) -
     """
     array = mx.contiguous(array)
     mx.eval(array)
-    # MLX arrays export the buffer protocol, but its stubs do not declare __buffer__.
-    view = memoryview(array).cast("B")  # type: ignore[arg-type]
+    # MLX arrays export the buffer protocol; the stubs of its Python 3.11 wheels do not
+    # declare __buffer__ (those of 3.12+ do), hence an ignore that may be unused.
+    view = memoryview(array).cast("B")  # type: ignore[arg-type, unused-ignore]
     tensor = Tensor(name, dtype or dtype_name(array.dtype), tuple(array.shape), view)
     if tensor.nbytes != view.nbytes:
         raise ValueError(f"dtype {tensor.dtype} does not fit the {array.dtype} array {name!r}")
