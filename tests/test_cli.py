@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -21,7 +22,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from asyncweights._cli import parse_size
+import asyncweights as aw
+from asyncweights._cli import build_parser, parse_size
 from asyncweights.testing import StoreBuilder, random_weights
 
 SHAPES = {
@@ -206,6 +208,59 @@ def test_demo_generates_once_and_reuses(tmp_path: Path) -> None:
     assert "(reused)" in text.stdout
     assert "GB/s" in text.stdout
     assert "peak memory: MLX" in text.stdout
+
+
+def test_demo_into_a_named_store(tmp_path: Path) -> None:
+    store = tmp_path / "mine"
+    first = ok_json(cli("demo", "--store", str(store), "--size", "2MiB", "--json", tmp=tmp_path))
+    assert first["store"] == str(store)
+    assert first["generated"] is True
+    assert [s["model"] for s in first["loads"]] == [
+        "asyncweights-demo:2mib",
+        "asyncweights-demo:2mib-int4",
+    ]
+    assert (store / "manifests" / "registry.ollama.ai" / "library" / "asyncweights-demo").is_dir()
+    assert not (tmp_path / "cache" / "asyncweights" / "demo").exists()
+    # A store the user named is never cleaned: the 2 MiB models stay beside the 1 MiB ones.
+    other = ok_json(cli("demo", "--store", str(store), "--size", "1MiB", "--json", tmp=tmp_path))
+    assert other["removed"] == []
+    listed = ok_json(cli("ls", "--store", str(store), "--json", tmp=tmp_path))
+    assert sorted(m["name"] for m in listed["models"]) == [
+        "asyncweights-demo:1mib",
+        "asyncweights-demo:1mib-int4",
+        "asyncweights-demo:2mib",
+        "asyncweights-demo:2mib-int4",
+    ]
+
+
+def test_version() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncweights", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"asyncweights {aw.__version__}\n"
+
+
+def test_every_argument_of_every_command_has_help() -> None:
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(commands.choices) == ["demo", "import", "load", "ls", "show", "verify"]
+    parsers = {"asyncweights": parser} | {
+        f"asyncweights {name}": sub for name, sub in commands.choices.items()
+    }
+    missing = [
+        f"{prog}: {action.dest}"
+        for prog, sub in parsers.items()
+        for action in sub._actions
+        if not isinstance(action, argparse._SubParsersAction)
+        and (not action.help or action.help == argparse.SUPPRESS)
+    ]
+    assert missing == []
+    helps = {name: [a.help for a in sub._actions] for name, sub in parsers.items()}
+    assert all(len(set(h)) == len(h) for h in helps.values())  # no copy-pasted help lines
 
 
 def run_on_pty(args: list[str], env: dict[str, str]) -> tuple[int, bytes]:

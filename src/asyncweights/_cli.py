@@ -564,6 +564,8 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--store", metavar="DIR", help="models root (default: $OLLAMA_MODELS or ~/.ollama/models)"
@@ -579,11 +581,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="asyncweights",
         description="Load, inspect, verify and import Ollama-style MLX weight stores.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", parents=[common], help="generate a demo model and load it")
-    p.add_argument("--size", type=parse_size, default=512 * MiB, help="model size (512MiB)")
-    p.add_argument("--keep", action="store_true", help="keep demo models of other sizes")
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="generate a demo model and load it",
+        description="Generate (once) a synthetic image-generation model of about --size bytes"
+        " and its int4 variant, then load both with progress bars. The models are written to"
+        " --store DIR if given, else to a store under the user cache directory.",
+    )
+    p.add_argument(
+        "--size", type=parse_size, default=512 * MiB, help="model size, e.g. 64MiB (512MiB)"
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="keep demo models of other sizes in the cache"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("ls", parents=[common], help="list the models in the store")
@@ -595,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("load", parents=[common], help="load a model and summarize")
     p.add_argument("model", help="a model name, or a manifest path starting with / ./ ../ ~")
-    p.add_argument("-c", "--component", help="text_encoder, transformer, vae …")
+    p.add_argument("-c", "--component", help="load one component: text_encoder, transformer, vae …")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="convert floating-point tensors")
     p.add_argument("--verify", action="store_true", help="check blob digests while loading")
     p.set_defaults(func=cmd_load)
@@ -605,10 +621,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("import", parents=[common], help="import a safetensors directory")
-    p.add_argument("directory", type=Path)
-    p.add_argument("name")
-    p.add_argument("--layout", choices=["named", "data"], default="named")
-    p.add_argument("--quantize", choices=["q4", "q8"])
+    p.add_argument(
+        "directory", type=Path, help="directory of *.safetensors files (and JSON configs)"
+    )
+    p.add_argument("name", help="model name to write, e.g. my-model:latest")
+    p.add_argument(
+        "--layout",
+        choices=["named", "data"],
+        default="named",
+        help="blob keys: tensor names (named, Ollama 0.19+) or 'data' (E0, Ollama 0.14)",
+    )
+    p.add_argument(
+        "--quantize", choices=["q4", "q8"], help="quantize eligible weights (int4 or int8)"
+    )
     p.set_defaults(func=cmd_import)
     return parser
 
