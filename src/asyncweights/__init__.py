@@ -20,18 +20,22 @@ from ._errors import InvalidDigestError as InvalidDigestError
 from ._errors import InvalidNameError as InvalidNameError
 from ._errors import LoadError as LoadError
 from ._errors import ManifestError as ManifestError
+from ._errors import ModelExistsError as ModelExistsError
 from ._errors import ModelNotFoundError as ModelNotFoundError
 from ._errors import QuantizationError as QuantizationError
 from ._errors import SizeMismatchError as SizeMismatchError
 from ._errors import SourceError as SourceError
 from ._errors import StoreWriteError as StoreWriteError
 from ._errors import UnsupportedDTypeError as UnsupportedDTypeError
+from ._errors import UnsupportedModelError as UnsupportedModelError
 from ._import import import_model as import_model
 from ._limits import Limits as Limits
 from ._load import load_weights as load_weights
 from ._load import stream_weights as stream_weights
 from ._manifest import Layer as Layer
 from ._manifest import Manifest as Manifest
+from ._manifest import ManifestList as ManifestList
+from ._manifest import ManifestRef as ManifestRef
 from ._manifest import ModelConfig as ModelConfig
 from ._model import Model as Model
 from ._progress import Progress as Progress
@@ -61,8 +65,11 @@ __all__ = [
     "LoadError",
     "Manifest",
     "ManifestError",
+    "ManifestList",
+    "ManifestRef",
     "Model",
     "ModelConfig",
+    "ModelExistsError",
     "ModelName",
     "ModelNotFoundError",
     "ModelStore",
@@ -75,6 +82,7 @@ __all__ = [
     "Tensor",
     "TensorInfo",
     "UnsupportedDTypeError",
+    "UnsupportedModelError",
     "WeightCache",
     "Weights",
     "import_model",

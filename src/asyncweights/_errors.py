@@ -5,6 +5,9 @@ Every error the library raises on purpose derives from `AsyncWeightsError`:
     AsyncWeightsError
     ├── InvalidNameError            a model name outside Ollama's grammar
     ├── ModelNotFoundError          no manifest for the name, or several that match
+    ├── ModelExistsError            import without force= over a model that exists
+    ├── UnsupportedModelError       a GGUF, adapter-only, cloud or empty model; a manifest list
+    │                               with no child asyncweights can load
     ├── ManifestError               manifest unreadable, not JSON, wrong schema
     │   └── InvalidDigestError      a digest that is not ``sha256:`` and 64 hex digits
     ├── ComponentNotFoundError      the model has no tensors for that component
@@ -47,12 +50,14 @@ __all__ = [
     "InvalidNameError",
     "LoadError",
     "ManifestError",
+    "ModelExistsError",
     "ModelNotFoundError",
     "QuantizationError",
     "SizeMismatchError",
     "SourceError",
     "StoreWriteError",
     "UnsupportedDTypeError",
+    "UnsupportedModelError",
 ]
 
 _E = TypeVar("_E", bound=BaseException)
@@ -143,6 +148,32 @@ class InvalidNameError(AsyncWeightsError, ValueError):
 
 class ModelNotFoundError(AsyncWeightsError, LookupError):
     """No manifest matches the model name (or more than one does, ignoring case)."""
+
+
+class ModelExistsError(AsyncWeightsError, FileExistsError):
+    """An import would replace a model that is already in the store (pass ``force=True``)."""
+
+
+class UnsupportedModelError(AsyncWeightsError):
+    """The model is not one asyncweights can load: the message says what it is and why.
+
+    Attributes:
+        kind: ``"gguf"``, ``"adapter"``, ``"cloud"``, ``"empty"`` or ``"manifest list"``.
+        runners: for a manifest list, the runners of its children (``"mlx"``, ``"ggml"`` …).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        reason: str,
+        *,
+        model: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+        runners: list[str] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.runners = runners or []
+        super().__init__(reason, model=model, path=path)
 
 
 class ManifestError(AsyncWeightsError):

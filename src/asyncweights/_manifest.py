@@ -1,23 +1,39 @@
-"""msgspec Structs for Ollama manifests and their layers (FORMAT.md §2)."""
+"""msgspec Structs for Ollama manifests, manifest lists and their layers, and model kinds.
+
+docs/format.md describes the format; the media types and the list document follow Ollama's
+``manifest/manifest.go`` (ollama/ollama PR #16590 at ``baa78e711``, shipped in v0.40).
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
 from ._errors import InvalidDigestError, ManifestError
 
 __all__ = [
+    "ADAPTER_MEDIA_TYPE",
+    "ANCHOR_MEDIA_TYPES",
     "CONFIG_MEDIA_TYPE",
     "JSON_MEDIA_TYPE",
+    "MANIFEST_LIST_MEDIA_TYPE",
+    "MANIFEST_MEDIA_TYPE",
     "MANIFEST_MEDIA_TYPES",
+    "MODEL_MEDIA_TYPE",
+    "PROJECTOR_MEDIA_TYPE",
     "TENSOR_MEDIA_TYPE",
     "Layer",
     "Manifest",
+    "ManifestList",
+    "ManifestRef",
     "ModelConfig",
+    "ModelKind",
+    "classify",
+    "decode_config",
+    "decode_document",
     "decode_manifest",
     "encode_manifest",
 ]
@@ -25,12 +41,26 @@ __all__ = [
 TENSOR_MEDIA_TYPE = "application/vnd.ollama.image.tensor"
 JSON_MEDIA_TYPE = "application/vnd.ollama.image.json"
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+#: A GGUF weights blob (the main weights of a GGUF model).
+MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
+#: A GGUF LoRA adapter blob.
+ADAPTER_MEDIA_TYPE = "application/vnd.ollama.image.adapter"
+#: A GGUF multimodal projector blob.
+PROJECTOR_MEDIA_TYPE = "application/vnd.ollama.image.projector"
+MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+#: Ollama 0.40's manifest list: children per runner (``mlx``, ``ggml``, ``llamacpp``).
+MANIFEST_LIST_MEDIA_TYPE = "application/vnd.ollama.manifest.list.v2+json"
 MANIFEST_MEDIA_TYPES = frozenset(
-    {
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.oci.image.manifest.v1+json",
-    }
+    {MANIFEST_MEDIA_TYPE, "application/vnd.oci.image.manifest.v1+json"}
 )
+#: Layers of a legacy "anchor" manifest that point at manifest documents, not weights: they
+#: keep those documents alive under an older Ollama's garbage collection.
+ANCHOR_MEDIA_TYPES = frozenset({MANIFEST_MEDIA_TYPE, MANIFEST_LIST_MEDIA_TYPE})
+_GGUF_MEDIA_TYPES = frozenset({MODEL_MEDIA_TYPE, ADAPTER_MEDIA_TYPE, PROJECTOR_MEDIA_TYPE})
+
+#: What a manifest holds (`classify`): safetensors tensors, a GGUF model, only a GGUF adapter
+#: or projector, a cloud model (weights on a remote host), or no weights at all.
+ModelKind = Literal["tensor", "gguf", "adapter", "cloud", "empty"]
 
 Digest = Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-fA-F]{64}$")]
 Size = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
@@ -81,7 +111,11 @@ class Manifest(msgspec.Struct, rename="camel", omit_defaults=True):
     schema_version: int
     config: Layer
     layers: list[Layer]
-    media_type: str = "application/vnd.docker.distribution.manifest.v2+json"
+    media_type: str = MANIFEST_MEDIA_TYPE
+    #: Ollama 0.40: the runner the manifest is for (``mlx``, ``ggml``, ``llamacpp``), if given
+    runner: str = ""
+    #: Ollama 0.40: the weight format (``safetensors``, ``gguf``), if given
+    format: str = ""
 
     @property
     def tensor_layers(self) -> list[Layer]:
@@ -89,22 +123,101 @@ class Manifest(msgspec.Struct, rename="camel", omit_defaults=True):
         return [layer for layer in self.layers if layer.is_tensor]
 
     @property
+    def anchor_layers(self) -> list[Layer]:
+        """Layers that point at manifest documents (an Ollama 0.40 legacy anchor), not weights."""
+        return [layer for layer in self.layers if layer.media_type in ANCHOR_MEDIA_TYPES]
+
+    @property
+    def gguf_layers(self) -> list[Layer]:
+        """GGUF model, adapter and projector layers, in manifest order."""
+        return [layer for layer in self.layers if layer.media_type in _GGUF_MEDIA_TYPES]
+
+    @property
     def json_layers(self) -> list[Layer]:
         """The JSON config layers, in manifest order."""
         return [layer for layer in self.layers if layer.is_json]
 
 
+class ManifestRef(msgspec.Struct, rename="camel", omit_defaults=True):
+    """One child of a manifest list: a reference to a manifest document stored as a blob.
+
+    Ollama also allows a child written inline (``config`` and ``layers`` in place of
+    ``digest``); `inline` holds it then.
+    """
+
+    media_type: str = MANIFEST_MEDIA_TYPE
+    digest: str = ""
+    runner: str = ""
+    format: str = ""
+    config: Layer | None = None
+    layers: list[Layer] | None = None
+    schema_version: int = 2
+
+    @property
+    def inline(self) -> Manifest | None:
+        """The child itself when it is written inline rather than referenced by digest."""
+        if self.config is None:
+            return None
+        return Manifest(
+            self.schema_version, self.config, list(self.layers or []), self.media_type,
+            self.runner, self.format,
+        )  # fmt: skip
+
+
+class ManifestList(msgspec.Struct, rename="camel", omit_defaults=True):
+    """An Ollama 0.40 manifest list: one runnable manifest per runner and weight format."""
+
+    schema_version: int
+    media_type: str
+    manifests: list[ManifestRef]
+
+
 class ModelConfig(msgspec.Struct, omit_defaults=True):
-    """The fields of the config blob (Ollama's ConfigV2) a tensor loader uses."""
+    """The fields of the config blob (Ollama's ConfigV2) asyncweights uses.
+
+    ``remote_host``/``remote_model`` mark a cloud model (``types/model/config.go`` at
+    ollama ``fb3076099``); ``parser``/``renderer`` come with Ollama 0.40's MLX imports.
+    """
 
     model_format: str = ""
     file_type: str = ""
     capabilities: list[str] | None = None
     requires: str = ""
     architecture: str = ""
+    model_family: str = ""
+    model_type: str = ""
+    remote_host: str = ""
+    remote_model: str = ""
+    parser: str = ""
+    renderer: str = ""
+
+
+def classify(manifest: Manifest, config: ModelConfig | None) -> ModelKind:
+    """What a manifest holds, from its layers (and, when it has no weights, its config).
+
+    Tensor layers make a tensor model; a GGUF ``image.model`` layer a GGUF model; adapter or
+    projector layers alone an adapter-only model; no weights and a ``remote_host`` a cloud
+    model; anything else holds no weights.
+    """
+    media = {layer.media_type for layer in manifest.layers}
+    if TENSOR_MEDIA_TYPE in media:
+        return "tensor"
+    if MODEL_MEDIA_TYPE in media:
+        return "gguf"
+    if media & _GGUF_MEDIA_TYPES:
+        return "adapter"
+    if config is not None and (config.remote_host or config.remote_model):
+        return "cloud"
+    return "empty"
+
+
+class _Kind(msgspec.Struct):
+    media_type: str = msgspec.field(default="", name="mediaType")
 
 
 _MANIFEST_DECODER = msgspec.json.Decoder(Manifest)
+_LIST_DECODER = msgspec.json.Decoder(ManifestList)
+_KIND_DECODER = msgspec.json.Decoder(_Kind)
 _CONFIG_DECODER = msgspec.json.Decoder(ModelConfig)
 _ENCODER = msgspec.json.Encoder()
 
@@ -135,6 +248,39 @@ def decode_manifest(
             f"unsupported manifest mediaType {manifest.media_type!r}", model=model, path=path
         )
     return manifest
+
+
+def decode_document(
+    data: bytes, *, model: str | None = None, path: Path | None = None
+) -> Manifest | ManifestList:
+    """Decode a manifest document: a runnable `Manifest` or an Ollama `ManifestList`.
+
+    Raises:
+        ManifestError: as `decode_manifest`; a list nested in a list.
+    """
+    try:
+        bytes(data).decode("utf-8")
+        kind = _KIND_DECODER.decode(data)
+    except _DECODE_ERRORS as exc:
+        raise ManifestError(f"invalid manifest: {_describe(exc)}", model=model, path=path) from exc
+    if kind.media_type != MANIFEST_LIST_MEDIA_TYPE:
+        return decode_manifest(data, model=model, path=path)
+    try:
+        listed = _LIST_DECODER.decode(data)
+    except _DECODE_ERRORS as exc:
+        raise ManifestError(
+            f"invalid manifest list: {_describe(exc)}", model=model, path=path
+        ) from exc
+    for child in listed.manifests:
+        if child.media_type == MANIFEST_LIST_MEDIA_TYPE:
+            raise ManifestError("nested manifest lists are not supported", model=model, path=path)
+        if child.config is None and not _DIGEST.fullmatch(child.digest):
+            raise ManifestError(
+                f"manifest list child has an invalid digest {child.digest!r}",
+                model=model,
+                path=path,
+            )
+    return listed
 
 
 def decode_config(

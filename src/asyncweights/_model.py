@@ -10,17 +10,37 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 
-from ._errors import AsyncWeightsError, BlobError, ConfigNotFoundError, ManifestError
+from ._errors import (
+    AsyncWeightsError,
+    BlobError,
+    ConfigNotFoundError,
+    ManifestError,
+    UnsupportedModelError,
+)
 from ._files import read_file
 from ._limits import Limits
-from ._manifest import Layer, Manifest, ModelConfig, decode_config, encode_manifest
+from ._manifest import (
+    ADAPTER_MEDIA_TYPE,
+    MODEL_MEDIA_TYPE,
+    Layer,
+    Manifest,
+    ManifestList,
+    ModelConfig,
+    ModelKind,
+    classify,
+    decode_config,
+    encode_manifest,
+)
 
 if TYPE_CHECKING:
+    from ._layout import Document
     from ._store import ModelStore
 
 __all__ = ["Model"]
 
 _JSON_DECODER = msgspec.json.Decoder()
+_RUNNERS = {"tensor": "mlx", "gguf": "ggml", "adapter": "ggml"}
+_FORMATS = {"tensor": "safetensors", "gguf": "gguf", "adapter": "gguf"}
 
 
 class Model:
@@ -38,6 +58,9 @@ class Model:
         path: Path | None,
         digest: str | None = None,
         limits: Limits | None = None,
+        document: Document | None = None,
+        manifest_list: ManifestList | None = None,
+        runner: str | None = None,
     ) -> None:
         self.store = store
         #: the caps its configs are read under (`Limits.max_config_bytes`)
@@ -45,15 +68,84 @@ class Model:
         self.manifest = manifest
         #: how the model was named by the caller (name, path, or ``"<manifest>"``)
         self.label = label
-        #: the manifest file, when the model came from one
+        #: the manifest entry (file or ``manifests-v2`` link), when the model came from one
         self.path = path
-        #: ``sha256:<hex>`` of the manifest's bytes as read (or as encoded, for a `Manifest`
-        #: given directly): a re-pulled model under the same name has a new digest
+        #: ``sha256:<hex>`` of the runnable manifest document (the selected child of a
+        #: manifest list; the anchored document of a legacy anchor; else the bytes read, or
+        #: as encoded for a `Manifest` given directly): a re-pulled model has a new digest
         self.digest = digest or "sha256:" + hashlib.sha256(encode_manifest(manifest)).hexdigest()
+        #: the manifest list the model was selected from, if its tag holds one
+        self.manifest_list = manifest_list
+        #: ``sha256:<hex>`` of that list's document
+        self.list_digest = document.digest if document and manifest_list else None
+        #: how the manifest is stored: ``"manifests-v2 symlink"``, ``"manifests-v2 hard link"``,
+        #: ``"manifests-v2 copy"``, ``"manifests"`` (legacy), ``"file"`` or None (in memory)
+        self.layout = document.layout if document else None
+        #: modification time of the manifest entry, seconds since the epoch
+        self.modified = document.modified if document else None
+        #: why a ``manifests-v2`` entry of the name was skipped for the legacy one, if it was
+        self.skipped = document.skipped if document else None
         self._config: ModelConfig | None = None
+        self.kind: ModelKind = classify(manifest, None)
+        if self.kind == "empty":
+            self._config = self._read_config_now()
+            self.kind = classify(manifest, self._config)
+        #: the runner this manifest is for: the list child chosen, the manifest's own
+        #: ``runner``, else derived from its weights (``mlx`` for tensors, ``ggml`` for GGUF)
+        self.runner = runner or manifest.runner.lower() or _RUNNERS.get(self.kind, "")
+        #: the weight format: ``"safetensors"``, ``"gguf"``, or ``""`` when no local weights
+        self.format = manifest.format.lower() or _FORMATS.get(self.kind, "")
 
     def __repr__(self) -> str:
-        return f"<Model {self.label!r} {len(self.tensor_layers)} tensor layers>"
+        return f"<Model {self.label!r} {self.kind}: {len(self.manifest.layers)} layers>"
+
+    def _read_config_now(self) -> ModelConfig | None:
+        """The config blob read at once (blocking): only models without weights need it,
+        to tell a cloud model from an empty one."""
+        layer = self.manifest.config
+        try:
+            path = self.store.blob_path(layer.digest)
+            if layer.size > self.limits.max_config_bytes:
+                return None
+            data = read_file(path, "config", expected_size=layer.size)
+            return decode_config(bytes(data), model=self.label)
+        except (OSError, AsyncWeightsError):
+            return None
+
+    def check_loadable(self) -> None:
+        """Raise unless the model holds safetensors tensors asyncweights can load.
+
+        Raises:
+            UnsupportedModelError: a GGUF, adapter-only, cloud or empty model; the message
+                says which and why.
+        """
+        if self.kind == "tensor":
+            return
+        if self.kind == "gguf":
+            layer = next(x for x in self.manifest.layers if x.media_type == MODEL_MEDIA_TYPE)
+            reason = (
+                f"GGUF model: its weights are one GGUF blob ({MODEL_MEDIA_TYPE}, "
+                f"{layer.size} bytes), not safetensors tensor layers, and this version of "
+                "asyncweights loads only tensor models"
+            )
+        elif self.kind == "adapter":
+            kinds = sorted(
+                {"adapter" if x.media_type == ADAPTER_MEDIA_TYPE else "projector"
+                 for x in self.manifest.gguf_layers}
+            )  # fmt: skip
+            reason = (
+                f"adapter-only model: it holds only a GGUF {' and '.join(kinds)} layer and no "
+                "base weights; load the base model it applies to"
+            )
+        elif self.kind == "cloud":
+            config = self._config or ModelConfig()
+            reason = (
+                f"cloud model: it runs on {config.remote_host or 'a remote host'}"
+                f" as {config.remote_model or self.label!r}; there are no local weights to load"
+            )
+        else:
+            reason = "model has no weights: no tensor or GGUF layers, and no remote host"
+        raise UnsupportedModelError(self.kind, reason, model=self.label, path=self.path)
 
     @property
     def tensor_layers(self) -> list[Layer]:

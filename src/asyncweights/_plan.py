@@ -16,6 +16,7 @@ import anyio.to_thread
 
 from ._errors import (
     AsyncWeightsError,
+    BlobMissingError,
     BudgetError,
     ComponentNotFoundError,
     DuplicateTensorError,
@@ -90,6 +91,7 @@ async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan
         QuantizationError, BudgetError.
     """
     component = component or None
+    model.check_loadable()
     layers = model.tensor_layers
     if component is not None:
         prefix = component + "/"
@@ -153,9 +155,19 @@ async def _read_headers(
             path = paths[digest]
             try:
                 whole = limits.direct_read_bytes if budget[0] >= sizes[digest] else 0
-                headers[digest], data = read_blob_head(
-                    path, expected_size=sizes[digest], whole_upto=whole
-                )
+                try:
+                    headers[digest], data = read_blob_head(
+                        path, expected_size=sizes[digest], whole_upto=whole
+                    )
+                except BlobMissingError:
+                    # Ollama before 0.1.30 named blobs sha256:<hex>; read them where they are.
+                    old = path[: -len(digest)] + "sha256:" + digest[7:]
+                    if not os.path.exists(old):
+                        raise
+                    path = paths[digest] = old
+                    headers[digest], data = read_blob_head(
+                        path, expected_size=sizes[digest], whole_upto=whole
+                    )
                 if data is not None:
                     contents[digest] = data
                     budget[0] -= len(data)

@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import anyio.to_thread
@@ -24,12 +24,14 @@ from ._errors import (
     InvalidNameError,
     ManifestError,
     ModelNotFoundError,
+    UnsupportedModelError,
 )
 from ._files import read_file
 from ._limits import Limits
 
 if TYPE_CHECKING:
-    from ._manifest import Manifest
+    from ._layout import Document
+    from ._manifest import Manifest, ManifestList, ManifestRef
     from ._model import Model
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_NAMESPACE", "DEFAULT_TAG", "ModelName", "ModelStore"]
@@ -150,88 +152,93 @@ def blob_file_name(digest: str) -> str:
 
 
 class ModelStore:
-    """An Ollama-style model store: ``manifests/`` and ``blobs/`` under one root.
+    """An Ollama model store: ``manifests-v2/``, ``manifests/`` and ``blobs/`` under one root.
 
     Args:
         root: the models root; defaults to ``$OLLAMA_MODELS``, else ``~/.ollama/models``.
+        runner: which child of an Ollama manifest list to open: ``"mlx"``, ``"ggml"``,
+            ``"llamacpp"``; by default the ``mlx`` (safetensors) child, else a GGUF one.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] | None = None, *, runner: str | None = None
+    ) -> None:
+        #: whether the root was given: without one, a manifest path fixes its own store
+        self.explicit = root is not None
         self.root = Path(root) if root is not None else default_root()
         self.manifests_dir = self.root / "manifests"
+        self.manifests_v2_dir = self.root / "manifests-v2"
         self.blobs_dir = self.root / "blobs"
+        self.runner = runner.strip().lower() if runner else None
 
     def __repr__(self) -> str:
         return f"ModelStore({str(self.root)!r})"
 
     def blob_path(self, digest: str) -> Path:
-        """The path of the blob with this digest (which must be valid)."""
-        return self.blobs_dir / blob_file_name(digest)
+        """The path of the blob with this digest (which must be valid): ``sha256-<hex>``, or
+        the ``sha256:<hex>`` spelling of Ollama before 0.1.30 when only that one exists."""
+        from ._layout import blob_path
+
+        blob_file_name(digest)  # validates
+        return blob_path(self.root, digest)
 
     def manifest_path(self, name: str | ModelName) -> Path:
-        """The exact manifest path for a name, without looking at the disk."""
+        """The legacy manifest path for a name, without looking at the disk."""
         parsed = name if isinstance(name, ModelName) else ModelName.parse(name)
         return self.manifests_dir.joinpath(*parsed.parts)
 
     def resolve(self, name: str | ModelName) -> Path:
-        """Find the manifest file of a model name: the exact path, else a case-insensitive match.
+        """Find the manifest entry of a model name (blocking).
+
+        ``manifests-v2`` first (a link whose target checks out), then ``manifests``; each the
+        exact path, else a match ignoring case, with both spellings of the public host.
 
         Raises:
             InvalidNameError: the name breaks Ollama's grammar.
             ModelNotFoundError: no manifest matches, or several match ignoring case.
+            ManifestError: the entry cannot be read.
         """
+        return self._resolve_document(name).path
+
+    def _resolve_document(self, name: str | ModelName, limits: Limits | None = None) -> Document:
+        from ._layout import resolve
+
         parsed = name if isinstance(name, ModelName) else ModelName.parse(name)
-        exact = self.manifests_dir.joinpath(*parsed.parts)
+        cap = (limits or Limits()).max_manifest_bytes
         try:
-            return self._find(parsed, exact, str(name))
-        except PermissionError as exc:
-            # Path.is_file() raises for EACCES (a folder without x); keep the real errno.
+            return resolve(self.root, parsed.parts, str(name), cap)
+        except AsyncWeightsError as exc:
+            exc.add_context(model=str(name))
+            raise
+        except FileNotFoundError as exc:  # removed while we looked
+            raise ModelNotFoundError(
+                f"model not found in store {str(self.root)!r}", model=str(name), path=exc.filename
+            ) from exc
+        except OSError as exc:
+            # PermissionError and friends: keep the real errno.
             raise ManifestError(
-                f"cannot look up manifest: {exc.strerror}",
+                f"cannot read manifest: {exc.strerror}",
                 model=str(name),
-                path=exc.filename or exact,
+                path=exc.filename or self.manifest_path(parsed),
                 errno=exc.errno,
             ) from exc
 
-    def _find(self, parsed: ModelName, exact: Path, label: str) -> Path:
-        if exact.is_file():
-            return exact
-        candidates = [self.manifests_dir]
-        for part in parsed.parts:
-            folded = part.casefold()
-            candidates = [
-                child
-                for parent in candidates
-                for child in _children(parent)
-                if child.name.casefold() == folded
-            ]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise ModelNotFoundError(
-                f"model not found in store {str(self.root)!r}", model=label, path=exact
-            )
-        if len(found) > 1:
-            listed = ", ".join(str(p.relative_to(self.manifests_dir)) for p in found)
-            raise ModelNotFoundError(
-                f"model name is ambiguous ignoring case: {listed}", model=label
-            )
-        return found[0]
-
     def list_names(self) -> list[ModelName]:
-        """Every model name with a manifest in the store, sorted (blocking; see `models`)."""
+        """Every model name with a manifest in the store, sorted (blocking; see `models`).
+
+        Names from ``manifests-v2`` and ``manifests`` are merged as Ollama lists them: the
+        public host shows as ``registry.ollama.ai`` whichever spelling is on disk.
+        """
+        from ._layout import list_entries
+
         names = []
-        for host in _children(self.manifests_dir):
-            for ns in _children(host):
-                for model in _children(ns):
-                    for tag in _children(model):
-                        if not tag.is_file():
-                            continue
-                        try:
-                            parsed = ModelName(host.name, ns.name, model.name, tag.name)
-                            parsed._validate(str(tag))
-                        except InvalidNameError:
-                            continue  # not a name Ollama could have written
-                        names.append(parsed)
+        for entry in list_entries(self.root):
+            try:
+                parsed = ModelName(*entry.parts)
+                parsed._validate(str(entry.path))
+            except InvalidNameError:
+                continue  # not a name Ollama could have written
+            names.append(parsed)
         return sorted(names, key=str)
 
     async def models(self) -> AsyncIterator[ModelName]:
@@ -243,6 +250,7 @@ class ModelStore:
         self,
         model: str | os.PathLike[str] | ModelName | Manifest,
         *,
+        runner: str | None = None,
         limits: Limits | None = None,
     ) -> Model:
         """Resolve and decode a model: a name, a manifest file path, or a decoded `Manifest`.
@@ -252,8 +260,15 @@ class ModelStore:
         one descriptor (a regular file no larger than ``limits.max_manifest_bytes``) and
         decoded in a worker thread.
 
+        A path ``<root>/manifests[-v2]/<host>/<namespace>/<model>/<tag>`` (or
+        ``<root>/blobs/sha256-<hex>``) opens in the store at ``<root>`` unless this store's
+        root was given explicitly. A manifest list opens as its child for `runner` (default:
+        this store's `runner`, else ``mlx``, then ``llamacpp``, then ``ggml``).
+
         Raises:
-            ModelNotFoundError, InvalidNameError, ManifestError: as their names say.
+            ModelNotFoundError, InvalidNameError, ManifestError: as their names say; a
+                ManifestError too for a path outside any store when no root was given.
+            UnsupportedModelError: a manifest list without a local child for the runner.
         """
         from ._manifest import Manifest
         from ._model import Model
@@ -262,31 +277,33 @@ class ModelStore:
         if isinstance(model, Manifest):
             _check_layer_count(model, limits, label="<manifest>", path=None)
             return Model(self, model, label="<manifest>", path=None, limits=limits)
-        return await anyio.to_thread.run_sync(self._open_blocking, model, limits)
+        return await anyio.to_thread.run_sync(self._open, model, runner or self.runner, limits)
 
-    def _open_blocking(self, model: str | os.PathLike[str] | ModelName, limits: Limits) -> Model:
-        from ._manifest import decode_manifest
+    def _open(
+        self, model: str | os.PathLike[str] | ModelName, runner: str | None, limits: Limits
+    ) -> Model:
+        from ._manifest import ManifestList, decode_document
         from ._model import Model
 
-        path, label = self._locate(model)
-        try:
-            data = read_file(
-                path,
-                "manifest",
-                max_size=limits.max_manifest_bytes,
-                cap="Limits.max_manifest_bytes",
-            )
-        except AsyncWeightsError as exc:
-            exc.add_context(model=label)
-            raise
-        manifest = decode_manifest(data, model=label, path=path)
-        _check_layer_count(manifest, limits, label=label, path=path)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        return Model(self, manifest, label=label, path=path, digest=digest, limits=limits)
+        store, document, label = self._locate(model, limits)
+        decoded = decode_document(document.data, model=label, path=document.path)
+        listed = None
+        if isinstance(decoded, ManifestList):
+            listed = decoded
+            decoded, digest, runner = store._select(listed, runner, label, document.path, limits)
+        else:
+            digest, runner = document.digest, None
+        _check_layer_count(decoded, limits, label=label, path=document.path)
+        return Model(
+            store, decoded, label=label, path=document.path, digest=digest, limits=limits,
+            document=document, manifest_list=listed, runner=runner,
+        )  # fmt: skip
 
-    def _locate(self, model: str | os.PathLike[str] | ModelName) -> tuple[Path, str]:
+    def _locate(
+        self, model: str | os.PathLike[str] | ModelName, limits: Limits
+    ) -> tuple[ModelStore, Document, str]:
         if isinstance(model, ModelName):
-            return self.resolve(model), str(model)
+            return self, self._resolve_document(model, limits), str(model)
         if isinstance(model, os.PathLike):
             where = os.fspath(model)
             if not isinstance(where, str):
@@ -295,14 +312,101 @@ class ModelStore:
                 raise ManifestError(
                     "manifest path contains a NUL character", model=where.replace("\0", "\\x00")
                 )
-            return Path(where).expanduser(), where
+            return self._read_path(Path(where).expanduser(), where, limits)
         if not isinstance(model, str):
             raise InvalidNameError(
                 f"a model must be a name (str), a path object or a Manifest, "
                 f"not {type(model).__name__}"
             )
         # A str is a name, never a path: "/etc/passwd" or "../x" fail the name grammar.
-        return self.resolve(model), model
+        return self, self._resolve_document(model, limits), model
+
+    def _read_path(
+        self, path: Path, label: str, limits: Limits
+    ) -> tuple[ModelStore, Document, str]:
+        from ._layout import InvalidEntryError, read_document, store_root_of
+
+        if not os.path.lexists(path):
+            raise ModelNotFoundError("manifest file not found", model=label, path=path)
+        located = store_root_of(path)
+        store = self
+        if not self.explicit:
+            if located is None:
+                raise ManifestError(
+                    "this manifest file is not inside a store (<root>/manifests/<host>/"
+                    "<namespace>/<model>/<tag>); pass store= (CLI: --store) to say where "
+                    "its blobs are",
+                    model=label,
+                    path=path,
+                )
+            store = ModelStore(located[0], runner=self.runner)
+        root, tree = located if located is not None else (store.root, _FILE)
+        try:
+            return store, read_document(root, path, tree, limits.max_manifest_bytes), label
+        except InvalidEntryError as exc:
+            raise ManifestError(exc.reason, model=label, path=path) from None
+        except AsyncWeightsError as exc:
+            exc.add_context(model=label)
+            raise
+        except OSError as exc:
+            raise ManifestError(
+                f"cannot read manifest: {exc.strerror}", model=label, path=path, errno=exc.errno
+            ) from exc
+
+    def _select(
+        self, listed: ManifestList, runner: str | None, label: str, path: Path, limits: Limits
+    ) -> tuple[Manifest, str, str]:
+        """The child of a manifest list to open, its digest and its runner.
+
+        A referenced child is read from ``blobs/`` and must hash to its digest, as Ollama
+        checks it (``resolveLocalManifestReference``); one missing or mismatching is skipped.
+        """
+        from ._manifest import MANIFEST_MEDIA_TYPE, decode_manifest, encode_manifest
+
+        preferences = [runner] if runner else list(_RUNNER_PREFERENCES)
+        notes: list[str] = []
+        for wanted in preferences:
+            for child in listed.manifests:
+                child_runner = child_runner_of(child)
+                if child_runner != wanted or child.media_type not in ("", MANIFEST_MEDIA_TYPE):
+                    continue
+                inline = child.inline
+                if inline is not None:
+                    digest = "sha256:" + hashlib.sha256(encode_manifest(inline)).hexdigest()
+                    return inline, digest, wanted
+                blob = self.blob_path(child.digest)
+                if not os.path.lexists(blob):
+                    notes.append(f"{wanted} child {child.digest} is not in the store")
+                    continue
+                try:
+                    data = read_file(
+                        blob, "manifest", max_size=limits.max_manifest_bytes,
+                        cap="Limits.max_manifest_bytes",
+                    )  # fmt: skip
+                except AsyncWeightsError as exc:
+                    exc.add_context(model=label, digest=child.digest)
+                    raise
+                actual = "sha256:" + hashlib.sha256(data).hexdigest()
+                if actual != child.digest.lower():
+                    notes.append(f"{wanted} child {child.digest} holds bytes hashing to {actual}")
+                    continue
+                return decode_manifest(bytes(data), model=label, path=blob), actual, wanted
+        runners = [child_runner_of(c) or "?" for c in listed.manifests]
+        present = ", ".join(
+            f"{child_runner_of(c) or '?'}/{c.format or '?'}" for c in listed.manifests
+        )
+        reason = (
+            f"manifest list has no local child for runner {' or '.join(preferences)} "
+            f"(children: {present or 'none'})"
+        )
+        if notes:
+            reason += "; " + "; ".join(notes)
+        raise UnsupportedModelError(
+            "manifest list", reason, model=label, path=path, runners=runners
+        )
+
+
+_FILE: Literal["file"] = "file"
 
 
 def _check_layer_count(
@@ -317,8 +421,15 @@ def _check_layer_count(
         )
 
 
-def _children(folder: Path) -> list[Path]:
-    try:
-        return sorted(folder.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+#: Which manifest-list child to open when no runner is asked for: MLX's own (safetensors)
+#: first, then the GGUF runners in Ollama's own order for them.
+_RUNNER_PREFERENCES = ("mlx", "llamacpp", "ggml")
+
+
+def child_runner_of(child: ManifestRef) -> str:
+    """A list child's runner, lowercased; derived from its format when it names none
+    (``safetensors`` → ``mlx``, ``gguf`` → ``ggml``, as Ollama's ``MetadataForConfig``)."""
+    runner = child.runner.strip().lower()
+    if runner:
+        return runner
+    return {"safetensors": "mlx", "gguf": "ggml"}.get(child.format.strip().lower(), "")

@@ -16,6 +16,8 @@ layouts by hand::
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import mlx.core as mx
+import msgspec
 
 from ._quantize import Era, QuantParams, QuantSpec, quant_params, quantize_array, should_quantize
 from ._writer import (
@@ -30,6 +33,7 @@ from ._writer import (
     CONFIG_MEDIA_TYPE,
     IMAGEGEN_CONFIGS,
     JSON_MEDIA_TYPE,
+    MANIFEST_MEDIA_TYPE,
     TENSOR_MEDIA_TYPE,
     Layer,
     Style,
@@ -38,6 +42,7 @@ from ._writer import (
     build_manifest,
     dtype_name,
     encode_json,
+    manifest_path,
     tensor_from_array,
     write_blob,
     write_manifest,
@@ -51,6 +56,7 @@ __all__ = [
     "BuiltModel",
     "Era",
     "Layer",
+    "LayoutName",
     "MetadataStyle",
     "QuantParams",
     "StoreBuilder",
@@ -63,6 +69,21 @@ __all__ = [
 ]
 
 MetadataStyle: TypeAlias = Literal["none", "global", "per_tensor", "both", "auto"]
+#: How a manifest is laid out, as each Ollama version writes it: ``legacy`` (every version up
+#: to 0.34: ``manifests/`` only); Ollama 0.40's ``manifests-v2`` entry as a relative symlink,
+#: a hard link or a copy of the manifest document blob, each with the legacy anchor; and a
+#: dangling ``manifests-v2`` symlink beside a legacy manifest.
+LayoutName: TypeAlias = Literal["legacy", "v2-symlink", "v2-hardlink", "v2-copy", "v2-dangling"]
+_MANIFEST_LIST_MEDIA_TYPE = "application/vnd.ollama.manifest.list.v2+json"
+_GGUF_MEDIA_TYPES = {
+    "model": "application/vnd.ollama.image.model",
+    "adapter": "application/vnd.ollama.image.adapter",
+    "projector": "application/vnd.ollama.image.projector",
+    "template": "application/vnd.ollama.image.template",
+    "system": "application/vnd.ollama.image.system",
+    "params": "application/vnd.ollama.image.params",
+    "license": "application/vnd.ollama.image.license",
+}
 QuantPolicy: TypeAlias = Callable[[str, mx.array], QuantSpec | None]
 Quantize: TypeAlias = str | Mapping[str, QuantSpec] | QuantPolicy | None
 
@@ -289,6 +310,159 @@ class StoreBuilder:
             name, path, manifest, config, layers, expected, dict(params), dict(tensors)
         )
 
+    # ------------------------------------------------------------- Ollama's layouts and kinds
+
+    def add_raw_config(self, config: Mapping[str, Any]) -> Layer:
+        """Write a ConfigV2 blob with exactly these fields (a GGUF or cloud model's)."""
+        return self.add_bytes("", _encode_go(config), media_type=CONFIG_MEDIA_TYPE)
+
+    def add_gguf_model(
+        self,
+        name: str,
+        *,
+        weights: bytes | None = None,
+        projector: bytes | None = None,
+        adapter: bytes | None = None,
+        base: bool = True,
+        layout: LayoutName = "legacy",
+    ) -> Path:
+        """Write a GGUF model as ``ollama pull`` writes one: a GGUF ``image.model`` layer
+        (unless `base` is False: an adapter-only model), optional projector and adapter,
+        template, params and license layers, and a ``model_format: gguf`` config.
+
+        The bytes default to a GGUF magic and version followed by filler: enough for a store
+        listing, not a readable GGUF file. Returns the manifest path (see `lay_out`).
+        """
+        layers = []
+        if base:
+            data = weights if weights is not None else b"GGUF\x03\x00\x00\x00" + name.encode()
+            layers.append(self.add_bytes("", data, media_type=_GGUF_MEDIA_TYPES["model"]))
+        for what, extra in (("projector", projector), ("adapter", adapter)):
+            if extra is not None:
+                layers.append(self.add_bytes("", extra, media_type=_GGUF_MEDIA_TYPES[what]))
+        layers.append(
+            self.add_bytes("", b"{{ .Prompt }}", media_type=_GGUF_MEDIA_TYPES["template"])
+        )
+        layers.append(
+            self.add_bytes("", b'{"stop":["<|eot|>"]}', media_type=_GGUF_MEDIA_TYPES["params"])
+        )
+        layers.append(self.add_bytes("", b"MIT License", media_type=_GGUF_MEDIA_TYPES["license"]))
+        config = self.add_raw_config(
+            {"model_format": "gguf", "model_family": "llama", "model_families": ["llama"],
+             "model_type": "1B", "file_type": "Q4_K_M", "architecture": "amd64", "os": "linux",
+             "rootfs": {"type": "layers", "diff_ids": [x.digest for x in layers]}}
+        )  # fmt: skip
+        write_manifest(self.root, name, build_manifest(config, layers))
+        return self.lay_out(name, layout)
+
+    def add_cloud_model(
+        self,
+        name: str,
+        *,
+        remote_host: str = "https://ollama.com:443",
+        remote_model: str = "gpt-oss:120b",
+        layout: LayoutName = "legacy",
+    ) -> Path:
+        """Write a cloud model as Ollama does: a config with ``remote_host`` and
+        ``remote_model`` and no weight layers at all. Returns the manifest path."""
+        config = self.add_raw_config(
+            {"model_format": "", "model_family": "", "model_families": None, "model_type": "",
+             "file_type": "", "renderer": "harmony", "parser": "harmony",
+             "remote_host": remote_host, "remote_model": remote_model,
+             "capabilities": ["completion", "tools", "thinking"], "architecture": "",
+             "os": ""}
+        )  # fmt: skip
+        write_manifest(self.root, name, build_manifest(config, []))
+        return self.lay_out(name, layout)
+
+    def lay_out(self, name: str, layout: LayoutName, *, anchor: bool = True) -> Path:
+        """Re-lay the legacy manifest of `name` out as an Ollama version writes it.
+
+        ``legacy`` leaves it. The ``v2-*`` layouts store the manifest bytes as a blob, make
+        ``manifests-v2/<host>/<namespace>/<model>/<tag>`` (public host ``ollama.com``, ``:``
+        written ``%3A``) a relative symlink to it, a hard link or a copy, and keep the legacy
+        file as an anchor (the manifest plus a layer pointing at the document blob) unless
+        `anchor` is False, when the legacy file is removed. ``v2-dangling`` adds a
+        ``manifests-v2`` symlink to a blob that does not exist and keeps the legacy file.
+
+        Returns:
+            the entry a loader resolves first: the ``manifests-v2`` path, or the legacy one
+            for ``legacy`` and ``v2-dangling``.
+        """
+        legacy = manifest_path(self.root, name)
+        if layout == "legacy":
+            return legacy
+        v2 = _v2_path(self.root, legacy)
+        v2.parent.mkdir(parents=True, exist_ok=True)
+        if layout == "v2-dangling":
+            _relink(v2, "sha256:" + "0" * 64, self.root, "symlink")
+            return legacy
+        data = legacy.read_bytes()
+        blob = write_blob(self.root, [data])
+        _relink(v2, blob.digest, self.root, layout.removeprefix("v2-"))
+        if anchor:
+            doc = msgspec.json.decode(data)
+            doc["layers"] = [*doc.get("layers", []),
+                             {"mediaType": MANIFEST_MEDIA_TYPE, "digest": blob.digest,
+                              "size": blob.size}]  # fmt: skip
+            write_manifest(self.root, name, doc)
+        else:
+            legacy.unlink()
+        return v2
+
+    def add_manifest_list(
+        self,
+        name: str,
+        children: Sequence[tuple[str, str, Path]],
+        *,
+        layout: LayoutName = "v2-symlink",
+        anchor: int | None = None,
+    ) -> Path:
+        """Write an Ollama 0.40 manifest list under `name`.
+
+        Args:
+            children: ``(runner, format, manifest path)`` per child; each child manifest's
+                bytes are stored as a blob and referenced by digest, as Ollama writes them.
+                Write the children first under names of their own (e.g. ``m:tag-mlx``).
+            layout: how the list's own entry is stored (a ``v2-*`` layout).
+            anchor: index of the child whose manifest the legacy anchor clones (with layers
+                for the list and that child's document), or None for no legacy file.
+
+        Returns:
+            the ``manifests-v2`` entry.
+        """
+        refs = []
+        docs = []
+        for runner, fmt, child in children:
+            data = Path(child).read_bytes()
+            blob = write_blob(self.root, [data])
+            docs.append((data, blob))
+            refs.append({"mediaType": MANIFEST_MEDIA_TYPE, "digest": blob.digest,
+                         "runner": runner, "format": fmt})  # fmt: skip
+        listed = msgspec.json.encode(
+            {"schemaVersion": 2, "mediaType": _MANIFEST_LIST_MEDIA_TYPE, "manifests": refs}
+        )
+        legacy = manifest_path(self.root, name)
+        if anchor is not None:
+            data, child_blob = docs[anchor]
+            list_blob = write_blob(self.root, [listed])
+            doc = msgspec.json.decode(data)
+            doc["layers"] = [*doc.get("layers", []),
+                             {"mediaType": _MANIFEST_LIST_MEDIA_TYPE, "digest": list_blob.digest,
+                              "size": list_blob.size},
+                             {"mediaType": MANIFEST_MEDIA_TYPE, "digest": child_blob.digest,
+                              "size": child_blob.size}]  # fmt: skip
+            write_manifest(self.root, name, doc)
+        else:
+            write_manifest(self.root, name, listed)
+        v2 = _v2_path(self.root, legacy)
+        v2.parent.mkdir(parents=True, exist_ok=True)
+        blob = write_blob(self.root, [listed])
+        _relink(v2, blob.digest, self.root, layout.removeprefix("v2-"))
+        if anchor is None:
+            legacy.unlink()
+        return v2
+
     def _resolve_quantize(
         self, tensors: Mapping[str, mx.array], quantize: Quantize, era: Era
     ) -> dict[str, QuantParams]:
@@ -398,6 +572,35 @@ class StoreBuilder:
                 configs["model_index.json"] = encode_json(index)
             names = list(configs)
         return [self.add_json(c, configs[c]) for c in names]
+
+
+def _encode_go(value: Mapping[str, Any]) -> bytes:
+    """Compact JSON in the given key order, as Go's encoding/json writes a struct."""
+    return msgspec.json.encode(value)
+
+
+def _v2_path(root: Path, legacy: Path) -> Path:
+    """The ``manifests-v2`` path of a legacy manifest path: public host as ``ollama.com``,
+    ``:`` in a host as ``%3A`` (ollama/ollama PR #16590, ``manifest/paths.go``)."""
+    host, namespace, model, tag = legacy.parts[-4:]
+    if host.casefold() in ("registry.ollama.ai", "ollama.com"):
+        host = "ollama.com"
+    return Path(root, "manifests-v2", host.replace(":", "%3A"), namespace, model, tag)
+
+
+def _relink(entry: Path, digest: str, root: Path, how: str) -> None:
+    """Point a ``manifests-v2`` entry at a blob the way Ollama's ``linkManifest`` does."""
+    blob = Path(root, "blobs", digest.replace(":", "-"))
+    if entry.is_symlink() or entry.exists():
+        entry.unlink()
+    if how == "symlink":
+        entry.symlink_to(os.path.relpath(blob, entry.parent))
+    elif how == "hardlink":
+        os.link(blob, entry)
+    elif how == "copy":
+        shutil.copyfile(blob, entry)
+    else:
+        raise ValueError(f"unknown manifests-v2 link kind {how!r}")
 
 
 def _component_rank(name: str) -> int:
