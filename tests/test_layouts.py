@@ -291,7 +291,7 @@ async def test_a_manifest_path_fixes_its_store(
     ):
         model = await aw.ModelStore().open(path)
         assert model.store.root == store_root
-        assert_exact(await aw.load_weights(str(path)), built)
+        assert_exact(await aw.load_weights(path), built)
     outside = tmp_path / "copied-manifest"
     outside.write_bytes(document)
     with pytest.raises(aw.ManifestError) as caught:
