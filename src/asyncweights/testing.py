@@ -228,6 +228,49 @@ class StoreBuilder:
         )
         return self.add_bytes("", data, media_type=CONFIG_MEDIA_TYPE)
 
+    def add_gguf_model(
+        self,
+        name: str,
+        model: StrPath | bytes,
+        *,
+        projector: StrPath | bytes | None = None,
+        file_type: str = "",
+        family: str = "",
+    ) -> Path:
+        """Write a GGUF model as Ollama stores one: the GGUF file as a layer of media type
+        ``application/vnd.ollama.image.model``, an optional multimodal projector as
+        ``application/vnd.ollama.image.projector``, and a ``model_format: gguf`` config.
+
+        Args:
+            name: the model name.
+            model, projector: a GGUF file's path or bytes (copied into a blob, streamed).
+            file_type: the config's ``file_type`` (``"Q4_K_M"`` …).
+            family: the config's ``model_family`` (``"llama"`` …).
+
+        Returns:
+            the manifest's path.
+        """
+        layers = [self._gguf_layer(model, "application/vnd.ollama.image.model")]
+        if projector is not None:
+            layers.append(self._gguf_layer(projector, "application/vnd.ollama.image.projector"))
+        data = build_config(
+            file_type=file_type, model_format="gguf", model_family=family, requires=""
+        )
+        config = self.add_bytes("", data, media_type=CONFIG_MEDIA_TYPE)
+        return self.write_manifest(name, layers, config=config)
+
+    def _gguf_layer(self, source: StrPath | bytes, media_type: str) -> Layer:
+        if isinstance(source, bytes):
+            return self.add_bytes("", source, media_type=media_type)
+
+        def chunks() -> Iterable[bytes]:
+            with open(source, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    yield chunk
+
+        blob = write_blob(self.root, chunks())
+        return Layer(media_type, blob.digest, blob.size, "")
+
     def write_manifest(
         self, name: str, layers: Sequence[Layer], *, config: Layer | None = None
     ) -> Path:
