@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as Q
 
 import asyncweights as aw
 from asyncweights._gguf import GGUFArray, parse_gguf, read_gguf_header
-from asyncweights._writer import CONFIG_MEDIA_TYPE, Layer, build_config
+from asyncweights._writer import Layer
 from asyncweights.testing import StoreBuilder
 
 from .conftest import wait_quiet
@@ -132,7 +132,7 @@ def all_types(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 @pytest.fixture
 def all_types_store(store_root: Path, all_types: tuple[Path, Any]) -> Path:
-    StoreBuilder(store_root).add_gguf_model(MODEL, all_types[0], file_type="Q4_K_M", family="llama")
+    StoreBuilder(store_root).add_gguf_model(MODEL, weights=all_types[0])
     return store_root
 
 
@@ -188,7 +188,7 @@ async def test_q4_0_q4_1_q8_0_bit_exact_to_mx_load(tmp_path: Path, store_root: P
     tensors["token_embd.weight"] = ("F16", floats.astype(np.float16))
     tensors["norm.weight"] = ("F32", floats[0])
     path = write_gguf(tmp_path / "m.gguf", tensors)
-    StoreBuilder(store_root).add_gguf_model(MODEL, path)
+    StoreBuilder(store_root).add_gguf_model(MODEL, weights=path)
     weights = await aw.load_weights(MODEL, store=store_root)
     expected = mx.load(os.fspath(path))
     assert isinstance(expected, dict)
@@ -223,7 +223,7 @@ async def test_unsupported_types_refused_by_name_before_any_read(
         "blk.3.ffn_up.weight": (qtype, np.zeros((2, 256 // block * size), np.uint8)),
     }
     path = write_gguf(tmp_path / "m.gguf", tensors)
-    StoreBuilder(store_root).add_gguf_model(MODEL, path)
+    StoreBuilder(store_root).add_gguf_model(MODEL, weights=path)
     events: list[aw.Progress] = []
     with pytest.raises(aw.UnsupportedDTypeError) as info:
         await aw.load_weights(MODEL, store=store_root, on_progress=events.append)
@@ -250,7 +250,7 @@ def llava(tmp_path: Path, store_root: Path) -> Path:
         {"mm.0.weight": ("F16", np.ones((3, 4), np.float16))},
         arch="clip",
     )
-    StoreBuilder(store_root).add_gguf_model("llava", main, projector=proj, file_type="Q4_K_M")
+    StoreBuilder(store_root).add_gguf_model("llava", weights=main, projector=proj)
     return store_root
 
 
@@ -518,7 +518,7 @@ def test_every_truncation_is_refused(tmp_path: Path) -> None:
 
 async def test_errors_name_model_digest_and_file(store_root: Path) -> None:
     builder = StoreBuilder(store_root)
-    builder.add_gguf_model(MODEL, gguf_bytes([("a", (8,), 0, 16)], data=64))
+    builder.add_gguf_model(MODEL, weights=gguf_bytes([("a", (8,), 0, 16)], data=64))
     with pytest.raises(aw.HeaderError) as info:
         await aw.load_weights(MODEL, store=store_root)
     err = info.value
@@ -532,7 +532,7 @@ async def test_errors_name_model_digest_and_file(store_root: Path) -> None:
 
 async def test_size_must_equal_the_manifests(store_root: Path) -> None:
     data = gguf_bytes()
-    manifest = StoreBuilder(store_root).add_gguf_model(MODEL, data)
+    manifest = StoreBuilder(store_root).add_gguf_model(MODEL, weights=data)
     text = manifest.read_text().replace(f'"size":{len(data)}', f'"size":{len(data) + 1}')
     manifest.write_text(text)
     with pytest.raises(aw.SizeMismatchError) as info:
@@ -545,7 +545,7 @@ async def test_size_must_equal_the_manifests(store_root: Path) -> None:
 
 async def test_verify_hashes_the_whole_blob(store_root: Path, tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "m.gguf", {"a": ("F32", np.ones((4, 8), np.float32))})
-    StoreBuilder(store_root).add_gguf_model(MODEL, path)
+    StoreBuilder(store_root).add_gguf_model(MODEL, weights=path)
     weights = await aw.load_weights(MODEL, store=store_root, verify=True)
     assert np.array_equal(np.array(weights["a"]), np.ones((4, 8), np.float32))
     (blob,) = [
@@ -601,7 +601,7 @@ def sparse_store(tmp_path: Path, store_root: Path) -> Path:
     builder = StoreBuilder(store_root)
     fake = "sha256:" + "ab" * 32
     path = sparse_gguf(store_root / "blobs" / fake.replace(":", "-"), 48, 64 << 20)
-    config = builder.add_bytes("", build_config(model_format="gguf"), media_type=CONFIG_MEDIA_TYPE)
+    config = builder.add_raw_config({"model_format": "gguf", "file_type": "F16"})
     layer = Layer("application/vnd.ollama.image.model", fake, path.stat().st_size, "")
     builder.write_manifest("big", [layer], config=config)
     return store_root

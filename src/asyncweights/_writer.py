@@ -400,15 +400,12 @@ def build_config(
     capabilities: Sequence[str] = ("completion",),
     requires: str = "0.19.0",
     draft: Mapping[str, str] | None = None,
-    model_format: str = "safetensors",
-    model_family: str = "",
 ) -> bytes:
-    """Encode a ConfigV2 blob (a tensor model's unless `model_format` says ``"gguf"``), field
-    order as Ollama writes it (§2.3)."""
+    """Encode a ConfigV2 blob for a tensor model, field order as Ollama writes it (§2.3)."""
     config: dict[str, Any] = {
-        "model_format": model_format,
-        "model_family": model_family,
-        "model_families": [model_family] if model_family else None,
+        "model_format": "safetensors",
+        "model_family": "",
+        "model_families": None,
         "model_type": "",
         "file_type": file_type,
         "requires": requires,
