@@ -118,22 +118,16 @@ class Model:
             return None
 
     def check_loadable(self) -> None:
-        """Raise unless the model holds safetensors tensors asyncweights can load.
+        """Raise unless the model holds weights asyncweights can load: safetensors tensor
+        layers, or a GGUF model's ``image.model`` layer.
 
         Raises:
-            UnsupportedModelError: a GGUF, adapter-only, cloud or empty model; the message
-                says which and why.
+            UnsupportedModelError: an adapter-only, cloud or empty model; the message says
+                which and why.
         """
-        if self.kind == "tensor":
+        if self.kind in ("tensor", "gguf"):
             return
-        if self.kind == "gguf":
-            layer = next(x for x in self.manifest.layers if x.media_type == MODEL_MEDIA_TYPE)
-            reason = (
-                f"GGUF model: its weights are one GGUF blob ({MODEL_MEDIA_TYPE}, "
-                f"{layer.size} bytes), not safetensors tensor layers, and this version of "
-                "asyncweights loads only tensor models"
-            )
-        elif self.kind == "adapter":
+        if self.kind == "adapter":
             kinds = sorted(
                 {"adapter" if x.media_type == ADAPTER_MEDIA_TYPE else "projector"
                  for x in self.manifest.gguf_layers}
