@@ -1,4 +1,7 @@
-"""Turn raw runs into medians, ratios, the DESIGN.md §4 target verdicts, tables and a chart."""
+"""Turn raw runs into medians, ratios, the verdicts against the targets, tables and a chart.
+
+The targets are stated in bench/README.md (section "Targets").
+"""
 
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ def _worst(doc: Doc, strategies: list[str], field: str, models: list[str]) -> fl
 
 
 def targets(doc: Doc) -> list[dict[str, str]]:
-    """DESIGN.md §4, one row per figure: target, what was measured, met / MISSED / not run."""
+    """The targets, one row per figure: target, what was measured, met / MISSED / not run."""
     rows: list[dict[str, str]] = []
 
     def row(figure: str, target: str, measured: str, met: bool | None) -> None:
@@ -273,7 +276,7 @@ def checks_table(doc: Doc) -> str:
 def targets_table(doc: Doc) -> str:
     rows = [[t["figure"], t["target"], t["measured"], t["verdict"]]
             for t in doc["summary"]["targets"]]  # fmt: skip
-    return _table(["DESIGN.md §4 figure", "target", "measured", "verdict"], rows)
+    return _table(["figure", "target", "measured", "verdict"], rows)
 
 
 def _sections(doc: Doc, heading: str) -> list[str]:
@@ -290,7 +293,7 @@ def _sections(doc: Doc, heading: str) -> list[str]:
         out.append(f"{heading} machine limits (medians)\n\n{lim}")
     if chk := checks_table(doc):
         out.append(f"{heading} cancel and open-file checks (warm, medians)\n\n{chk}")
-    out.append(f"{heading} DESIGN.md §4 targets\n\n{targets_table(doc)}")
+    out.append(f"{heading} Verdicts against the targets\n\n{targets_table(doc)}")
     return out
 
 

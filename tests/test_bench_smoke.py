@@ -29,7 +29,7 @@ def test_smoke_run_reports_every_strategy(tmp_path: Path) -> None:
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=220)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "DESIGN.md §4 targets" in proc.stdout
+    assert "Verdicts against the targets" in proc.stdout
 
     doc = json.loads((tmp_path / "runs.json").read_text())
     assert set(doc["machine"]) >= {"cpu", "cores", "memory_gib", "kernel", "mlx", "thp_enabled"}

@@ -132,7 +132,7 @@ async def test_quantization_facts_are_exact_and_dequantize_works(
 async def test_unlabelled_packed_group_is_inferred_from_shapes(
     builder: StoreBuilder, store_root: Path
 ) -> None:
-    # E1 packed expert groups carry no label at all (FORMAT.md §3.5): shapes decide.
+    # E1 packed expert groups carry no label at all (docs/format.md#packed-blobs): shapes decide.
     names = [f"model.layers.1.mlp.experts.{e}.{p}.weight" for e in (0, 1) for p in ("up", "down")]
     shapes = {n: (16, 128) for n in names} | {"model.layers.1.mlp.gate.weight": (2, 8)}
     source = random_weights(shapes)

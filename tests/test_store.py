@@ -1,4 +1,4 @@
-"""The models root, Ollama's name grammar (FORMAT.md §1.4) and manifest resolution."""
+"""The models root, Ollama's name grammar (docs/format.md#model-names) and manifest resolution."""
 
 from __future__ import annotations
 

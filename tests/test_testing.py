@@ -52,7 +52,7 @@ def load_mlx(path: Path) -> dict[str, mx.array]:
 
 
 def reference_load(root: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
-    """A tiny independent reader of FORMAT.md §3.6 and §5.2: logical name -> raw bytes."""
+    """A tiny independent reader of docs/format.md#naming: logical name -> raw bytes."""
     out: dict[str, bytes] = {}
     for layer in manifest["layers"]:
         if layer["mediaType"] != TENSOR_MEDIA_TYPE:
