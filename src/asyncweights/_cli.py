@@ -514,7 +514,7 @@ async def cmd_import(args: argparse.Namespace, out: Output) -> Result:
     started = time.perf_counter()
     model = await import_model(
         args.directory, args.name, store=store, layout=args.layout, quantize=args.quantize,
-        on_progress=out.on_progress,
+        variant=args.variant, on_progress=out.on_progress,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     out.clear()
@@ -633,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quantize", choices=["q4", "q8"], help="quantize eligible weights (int4 or int8)"
+    )
+    p.add_argument(
+        "--variant", help="Hugging Face weight variant to load (model.fp16.safetensors …)"
     )
     p.set_defaults(func=cmd_import)
     return parser

@@ -32,7 +32,7 @@ from ._manifest import Manifest
 from ._model import Model
 from ._plan import BlobPlan, Plan, PlannedTensor, make_plan
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
-from ._read import read_direct, read_lazy, verify_file
+from ._read import read_direct, read_gguf, read_lazy, verify_file
 from ._store import ModelName, ModelStore
 from ._weights import Tensor, TensorInfo, Weights
 
@@ -104,6 +104,7 @@ async def load_weights(
         model=plan.model,
         component=plan.component,
         quantization=plan.quantization,
+        metadata=plan.metadata,
     )
 
 
@@ -180,7 +181,7 @@ def _info(tensor: PlannedTensor, array: mx.array) -> TensorInfo:
         nbytes=array.nbytes,
         digest=tensor.digest,
         key=tensor.key,
-        source_dtype=tensor.entry.dtype,
+        source_dtype=tensor.entry.dtype if tensor.source is None else tensor.source.ggml_type,
         quantization=tensor.quantization,
     )
 
@@ -413,8 +414,15 @@ def _load_group_into(
     model: str,
     limits: Limits,
 ) -> _Loaded:
+    parts = [blob for blob in group if blob.gguf is not None]
+    converted = iter(read_gguf(parts, model)) if parts else None
     for blob in group:
-        if blob.header.file_size <= limits.direct_read_bytes:
+        if blob.gguf is not None:
+            assert converted is not None
+            arrays = next(converted)
+            if verify and blob.hash_whole:
+                lazy.append(blob)  # hashed whole, beside the evaluation
+        elif blob.header.file_size <= limits.direct_read_bytes:
             arrays = read_direct(blob, model, verify=verify)
         else:
             arrays = read_lazy(blob, model)

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.to_thread
 import msgspec
 
 from ._errors import (
     AsyncWeightsError,
     BlobError,
+    ComponentNotFoundError,
     ConfigNotFoundError,
     ManifestError,
     UnsupportedModelError,
@@ -22,6 +24,7 @@ from ._limits import Limits
 from ._manifest import (
     ADAPTER_MEDIA_TYPE,
     MODEL_MEDIA_TYPE,
+    PROJECTOR_MEDIA_TYPE,
     Layer,
     Manifest,
     ManifestList,
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
     from ._store import ModelStore
 
 __all__ = ["Model"]
+
+_GGUF_COMPONENTS = {MODEL_MEDIA_TYPE: "model", PROJECTOR_MEDIA_TYPE: "projector"}
 
 _JSON_DECODER = msgspec.json.Decoder()
 _RUNNERS = {"tensor": "mlx", "gguf": "ggml", "adapter": "ggml"}
@@ -113,22 +118,16 @@ class Model:
             return None
 
     def check_loadable(self) -> None:
-        """Raise unless the model holds safetensors tensors asyncweights can load.
+        """Raise unless the model holds weights asyncweights can load: safetensors tensor
+        layers, or a GGUF model's ``image.model`` layer.
 
         Raises:
-            UnsupportedModelError: a GGUF, adapter-only, cloud or empty model; the message
-                says which and why.
+            UnsupportedModelError: an adapter-only, cloud or empty model; the message says
+                which and why.
         """
-        if self.kind == "tensor":
+        if self.kind in ("tensor", "gguf"):
             return
-        if self.kind == "gguf":
-            layer = next(x for x in self.manifest.layers if x.media_type == MODEL_MEDIA_TYPE)
-            reason = (
-                f"GGUF model: its weights are one GGUF blob ({MODEL_MEDIA_TYPE}, "
-                f"{layer.size} bytes), not safetensors tensor layers, and this version of "
-                "asyncweights loads only tensor models"
-            )
-        elif self.kind == "adapter":
+        if self.kind == "adapter":
             kinds = sorted(
                 {"adapter" if x.media_type == ADAPTER_MEDIA_TYPE else "projector"
                  for x in self.manifest.gguf_layers}
@@ -154,12 +153,60 @@ class Model:
 
     @property
     def components(self) -> list[str]:
-        """Components present (first segment of prefixed layer names), in manifest order."""
+        """Components present, in manifest order: the first segment of prefixed tensor layer
+        names; for a GGUF model, ``model`` and (multimodal) ``projector``."""
         seen: dict[str, None] = {}
         for layer in self.tensor_layers:
             if layer.name and "/" in layer.name:
                 seen.setdefault(layer.name.split("/", 1)[0], None)
+        for component, _ in self.gguf_components:
+            seen.setdefault(component, None)
         return list(seen)
+
+    @property
+    def gguf_components(self) -> list[tuple[str, Layer]]:
+        """A GGUF model's loadable layers with the component each loads as: the main weights
+        (``application/vnd.ollama.image.model``) as ``model``, a multimodal projector
+        (``application/vnd.ollama.image.projector``) as ``projector``. Empty unless the
+        model's kind is ``"gguf"``; adapters are not loaded."""
+        if self.kind != "gguf":
+            return []
+        return [
+            (_GGUF_COMPONENTS[layer.media_type], layer)
+            for layer in self.manifest.layers
+            if layer.media_type in _GGUF_COMPONENTS
+        ]
+
+    async def gguf_metadata(self, component: str = "model") -> dict[str, Any]:
+        """The metadata of a GGUF layer, its header validated (read in a worker thread).
+
+        Values are int, float, bool, str, or `GGUFArray` (tokenizer vocabularies and other
+        arrays, decoded only when read).
+
+        Raises:
+            ComponentNotFoundError: no GGUF layer for `component`; BlobError and its
+                subclasses (HeaderError …) naming the blob and file.
+        """
+        from ._gguf import read_gguf_header
+
+        layer = self._gguf_layer(component)
+        path = self.store.blob_path(layer.digest)
+        try:
+            header = await anyio.to_thread.run_sync(
+                functools.partial(read_gguf_header, path, expected_size=layer.size)
+            )
+        except AsyncWeightsError as exc:
+            exc.add_context(model=self.label, digest=layer.digest, path=path)
+            raise
+        return header.metadata
+
+    def _gguf_layer(self, component: str) -> Layer:
+        for name, layer in self.gguf_components:
+            if name == component:
+                return layer
+        raise ComponentNotFoundError(
+            component, [name for name, _ in self.gguf_components], model=self.label
+        )
 
     @property
     def config_names(self) -> list[str]:

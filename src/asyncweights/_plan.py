@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -24,8 +25,11 @@ from ._errors import (
     LoadError,
     ManifestError,
     QuantizationError,
+    UnsupportedDTypeError,
     single_error,
 )
+from ._ggml import DTYPE_BYTES, TARGETS, UNSUPPORTED, outputs
+from ._gguf import GGUFFile, GGUFTensorInfo, read_gguf_header
 from ._header import BlobHeader, TensorEntry, read_blob_head
 from ._limits import Limits
 from ._manifest import Layer
@@ -48,6 +52,9 @@ class PlannedTensor:
     digest: str
     companion: bool = False
     quantization: Quantization | None = None
+    #: the GGUF tensor the array is converted from (GGUF blobs only); `entry` then describes
+    #: the converted array (dtype, shape, and ``end`` = its bytes)
+    source: GGUFTensorInfo | None = None
 
 
 @dataclass(slots=True)
@@ -62,6 +69,10 @@ class BlobPlan:
     nbytes: int = 0
     #: the whole file, when planning read it whole (small blobs): loaded without reopening
     data: bytes | bytearray | None = None
+    #: a part of a GGUF blob (one tensor and its companions): read by byte range
+    gguf: GGUFFile | None = None
+    #: whether verifying hashes the whole file with this part (the first part of a blob)
+    hash_whole: bool = True
 
 
 @dataclass(slots=True)
@@ -73,6 +84,8 @@ class Plan:
     blobs: list[BlobPlan]
     quantization: Quantization | None
     groups: list[list[BlobPlan]]
+    #: GGUF metadata of the loaded GGUF layer (the main one when loading every tensor)
+    metadata: dict[str, Any] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -91,6 +104,8 @@ async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan
         QuantizationError, BudgetError.
     """
     component = component or None
+    if model.kind == "gguf":
+        return await _plan_gguf(model, component, limits)
     model.check_loadable()
     layers = model.tensor_layers
     if component is not None:
@@ -397,7 +412,8 @@ def _group(blobs: list[BlobPlan], limits: Limits) -> list[list[BlobPlan]]:
     held = 0  # blobs of the group that MLX keeps open until evaluated
     cap = max(1, limits.group_bytes // 32)
     for blob in blobs:
-        lazy = blob.header.file_size > limits.direct_read_bytes
+        # a GGUF part's file is read and closed within its group call, never held open
+        lazy = blob.gguf is None and blob.header.file_size > limits.direct_read_bytes
         if current and (size + blob.nbytes > cap or (lazy and held >= files)):
             groups.append(current)
             current, size, held = [], 0, 0
@@ -421,3 +437,106 @@ def _files_per_group(limits: Limits) -> int:
             in_use = 16
         cap = min(cap, max(limits.workers, (soft - in_use) // 2))
     return max(1, cap // limits.workers)
+
+
+# ------------------------------------------------------------------------------------- GGUF
+
+
+async def _plan_gguf(model: Model, component: str | None, limits: Limits) -> Plan:
+    """Plan a GGUF model: each tensor (with its companions) is a part of its blob.
+
+    `component` None loads every GGUF layer: the main weights under their GGUF names, the
+    others (``projector``) prefixed with ``<component>/``.
+    """
+    chosen = [(c, layer) for c, layer in model.gguf_components if component in (None, c)]
+    if not chosen:
+        available = [c for c, _ in model.gguf_components]
+        raise ComponentNotFoundError(component or "", available, model=model.label)
+    files: list[GGUFFile] = []
+    for comp, layer in chosen:
+        files.append(await anyio.to_thread.run_sync(_gguf_header, model, comp, layer))
+
+    def finish() -> Plan:
+        blobs: list[BlobPlan] = []
+        owner: dict[str, str] = {}
+        weighed: dict[Quantization, int] = {}
+        for (comp, layer), gguf in zip(chosen, files, strict=True):
+            path = model.store.blob_path(layer.digest)
+            prefix = "" if component is not None or comp == "model" else comp + "/"
+            header = BlobHeader(gguf.file_size, gguf.data_start, {})
+            first = True
+            for info in gguf.tensors.values():
+                part = _gguf_part(model.label, layer, os.fspath(path), header, gguf, info, prefix)
+                part.hash_whole = first
+                first = False
+                for t in part.tensors:
+                    if t.name in owner:
+                        raise DuplicateTensorError(
+                            f"tensor name also used by tensor {owner[t.name]!r}",
+                            model=model.label, tensor=t.name, digest=layer.digest, path=path,
+                        )  # fmt: skip
+                    owner[t.name] = info.name
+                    if t.quantization is not None:
+                        weighed[t.quantization] = weighed.get(t.quantization, 0) + info.nbytes
+                blobs.append(part)
+        quantization = max(weighed, key=lambda q: weighed[q]) if weighed else None
+        metadata = files[0].metadata if files else None
+        plan = Plan(model.label, component, blobs, quantization, [], metadata)
+        if limits.max_bytes is not None and plan.total_bytes > limits.max_bytes:
+            raise BudgetError(
+                f"load needs {plan.total_bytes} bytes, over the budget of {limits.max_bytes}",
+                model=model.label,
+            )
+        plan.groups = _group(blobs, limits)
+        return plan
+
+    return await anyio.to_thread.run_sync(finish)
+
+
+def _gguf_header(model: Model, component: str, layer: Layer) -> GGUFFile:
+    path = model.store.blob_path(layer.digest)
+    try:
+        return read_gguf_header(path, expected_size=layer.size)
+    except AsyncWeightsError as exc:
+        exc.add_context(model=model.label, digest=layer.digest, path=path)
+        raise
+    except OSError as exc:
+        raise LoadError(
+            f"cannot read GGUF header of component {component!r}: {exc.strerror}",
+            model=model.label, digest=layer.digest, path=path, errno=exc.errno,
+        ) from exc  # fmt: skip
+
+
+def _gguf_part(
+    label: str,
+    layer: Layer,
+    path: str,
+    header: BlobHeader,
+    gguf: GGUFFile,
+    info: GGUFTensorInfo,
+    prefix: str,
+) -> BlobPlan:
+    """One GGUF tensor as a part of its blob: the arrays it loads as, checked supported."""
+    target = TARGETS.get(info.ggml_type)
+    if target is None:
+        reason = UNSUPPORTED.get(info.ggml_type, "unknown type")
+        raise UnsupportedDTypeError(
+            f"GGML type {info.ggml_type} is not supported: {reason}",
+            model=label, tensor=info.name, digest=layer.digest, path=path,
+        )  # fmt: skip
+    part = BlobPlan(layer.digest, path, header, gguf=gguf)
+    quantization = None
+    if target.kind == "affine":
+        quantization = Quantization(info.ggml_type, "affine", target.bits, target.group_size)
+    for i, (name, dtype, shape) in enumerate(outputs(info)):
+        nbytes = DTYPE_BYTES[dtype]
+        for d in shape:
+            nbytes *= d
+        entry = TensorEntry(name, dtype, shape, 0, nbytes)
+        planned = PlannedTensor(
+            prefix + name, name, entry, layer.digest, companion=i > 0,
+            quantization=quantization if i == 0 else None, source=info,
+        )  # fmt: skip
+        part.tensors.append(planned)
+        part.nbytes += nbytes
+    return part

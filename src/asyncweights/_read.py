@@ -14,16 +14,22 @@ import os
 from typing import Literal
 
 import mlx.core as mx
+import numpy as np
 
 from ._errors import (
     AsyncWeightsError,
     BlobError,
+    BudgetError,
     DigestMismatchError,
+    LoadError,
 )
-from ._files import open_file
+from ._files import StoreFile, open_file
+from ._ggml import TARGETS, convert, mlx_dtype
+from ._gguf import GGUFFile
 from ._plan import BlobPlan
+from ._vfile import ArrayRequest, FillError, Span, fill_arrays, mlx_fills_through_readinto
 
-__all__ = ["read_direct", "read_lazy", "verify_file"]
+__all__ = ["read_direct", "read_gguf", "read_lazy", "verify_file"]
 
 # safetensors dtype -> (memoryview format of the same width, MLX dtype to view it as)
 _Format = Literal["B", "H", "I", "Q"]
@@ -149,3 +155,136 @@ def _check_digest(digest: hashlib._Hash, blob: BlobPlan, model: str) -> None:
         raise DigestMismatchError(
             f"blob bytes hash to {actual}", model=model, digest=blob.digest, path=blob.path
         )
+
+
+# ------------------------------------------------------------------------------------- GGUF
+
+#: raw GGUF tensors up to this size share one MLX buffer (norm vectors, biases)
+_GGUF_PACK = 64 * 1024
+
+
+def read_gguf(parts: list[BlobPlan], model: str) -> list[dict[str, mx.array]]:
+    """Load GGUF parts (one tensor each) by byte range and convert them: arrays per part.
+
+    Each blob file is opened once for the call and proved to be the file planned (size and
+    the header bytes that place the data). Raw types are read straight into their MLX
+    arrays; block types are read into one scratch buffer, converted (numpy), and dropped.
+    """
+    files: dict[str, StoreFile] = {}
+    raw: list[ArrayRequest] = []
+    blocks: list[ArrayRequest] = []
+    try:
+        for i, part in enumerate(parts):
+            assert part.gguf is not None
+            f = files.get(part.path)
+            if f is None:
+                f = files[part.path] = _open_gguf(part, part.gguf, model)
+            info = part.tensors[0].source
+            assert info is not None
+            span = Span(f.fd, part.gguf.data_start + info.offset, info.nbytes, tag=part)
+            target = TARGETS[info.ggml_type]
+            if target.kind == "raw":
+                raw.append(ArrayRequest(str(i), mlx_dtype(target.dtype), info.shape, [span]))
+            else:
+                blocks.append(ArrayRequest(str(i), mx.uint8, (info.nbytes,), [span]))
+        arrays = _fill(raw, model, _GGUF_PACK)
+        scratch = _fill(blocks, model, 1 << 62)
+    finally:
+        for f in files.values():
+            f.close()
+    out: list[dict[str, mx.array]] = []
+    for i, part in enumerate(parts):
+        info = part.tensors[0].source
+        assert info is not None
+        key = str(i)
+        if key in arrays:
+            made = [arrays.pop(key)]
+        else:
+            data = scratch.pop(key)
+            view = np.frombuffer(memoryview(data), dtype=np.uint8)  # type: ignore[arg-type]
+            made = convert(info, view)
+            del data, view
+        out.append({t.key: a for t, a in zip(part.tensors, made, strict=True)})
+    return out
+
+
+def _open_gguf(part: BlobPlan, gguf: GGUFFile, model: str) -> StoreFile:
+    """Open a GGUF blob and check it is still the file planned: its size, its first bytes
+    and the tensor infos (which place every tensor's bytes)."""
+    try:
+        f = open_file(part.path, "blob", expected_size=gguf.file_size)
+    except AsyncWeightsError as exc:
+        exc.add_context(model=model, digest=part.digest)
+        raise
+    try:
+        tail = len(gguf.raw) - gguf.infos_start
+        same = (
+            f.read(24, 0) == gguf.raw[:24]
+            and f.read(tail, gguf.infos_start) == gguf.raw[gguf.infos_start :]
+        )
+    except AsyncWeightsError as exc:
+        f.close()
+        exc.add_context(model=model, digest=part.digest)
+        raise
+    if not same:
+        f.close()
+        raise BlobError(
+            "blob changed while loading", model=model, digest=part.digest, path=part.path
+        )
+    return f
+
+
+def _fill(requests: list[ArrayRequest], model: str, pack_upto: int) -> dict[str, mx.array]:
+    """Arrays from byte ranges: through `fill_arrays`, or numpy reads if MLX cannot."""
+    if not requests:
+        return {}
+    if not mlx_fills_through_readinto():
+        return {r.key: _read_numpy(r, model) for r in requests}
+    try:
+        return fill_arrays(requests, pack_upto=pack_upto)
+    except FillError as exc:
+        part = exc.span.tag if exc.span is not None else None
+        cause = exc.__cause__
+        raise LoadError(
+            f"reading tensors failed: {exc}",
+            model=model,
+            tensor=None if part is None else part.tensors[0].name,
+            digest=None if part is None else part.digest,
+            path=None if part is None else part.path,
+            errno=cause.errno if isinstance(cause, OSError) else None,
+        ) from exc
+    except RuntimeError as exc:
+        if "Unable to allocate" in str(exc):
+            raise BudgetError(f"out of memory reading tensors: {exc}", model=model) from exc
+        raise LoadError(f"reading tensors failed: {exc}", model=model) from exc
+
+
+def _read_numpy(request: ArrayRequest, model: str) -> mx.array:
+    """One array's span read into a numpy buffer and copied into MLX (the fallback path)."""
+    (span,) = request.spans
+    part = span.tag
+    data = bytearray(span.length)
+    done = 0
+    view = memoryview(data)
+    try:
+        while done < span.length:
+            n = os.preadv(span.fd, [view[done:]], span.offset + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        raise LoadError(
+            f"cannot read blob: {exc.strerror}", model=model, digest=part.digest,
+            path=part.path, errno=exc.errno,
+        ) from exc  # fmt: skip
+    finally:
+        view.release()
+    if done != span.length:
+        raise BlobError(
+            "blob changed while loading: file ended early", model=model,
+            tensor=part.tensors[0].name, digest=part.digest, path=part.path,
+        )  # fmt: skip
+    array = mx.array(np.frombuffer(data, dtype=np.uint8))
+    if request.dtype != mx.uint8:
+        array = array.view(request.dtype)
+    return array.reshape(request.shape)

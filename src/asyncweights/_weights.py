@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -24,10 +24,13 @@ class TensorInfo:
         shape: the array's shape.
         nbytes: bytes of the loaded array.
         digest: the blob it came from.
-        key: its key inside that blob (``"data"`` for E0 blobs).
-        source_dtype: the safetensors dtype string stored in the blob.
+        key: its key inside that blob (``"data"`` for E0 blobs; for GGUF blobs the array's
+            GGUF name, or the ``.scales`` / ``.biases`` name of a converted block type).
+        source_dtype: the safetensors dtype string stored in the blob, or for GGUF blobs
+            the GGML type (``"Q4_K"``) the array was converted from.
         quantization: set on a packed quantized weight ``X`` (its companions are
-            ``X_scale`` and ``X_qbias``); None otherwise.
+            ``X_scale`` and ``X_qbias``; for GGUF, ``<base>.scales`` and ``<base>.biases``
+            as ``mx.load`` names them, where ``X`` is ``<base>.weight``); None otherwise.
     """
 
     name: str
@@ -56,7 +59,11 @@ class Weights(Mapping[str, "mx.array"]):
         model: the model as the caller named it.
         component: the component loaded, or None for every tensor.
         info: a `TensorInfo` per name.
-        quantization: the model-level quantization, or None when unquantized.
+        quantization: the model-level quantization, or None when unquantized (for a GGUF
+            model: the quantization holding the most tensor bytes).
+        metadata: for a GGUF model, the GGUF metadata (``general.architecture``,
+            hyperparameters; arrays such as the tokenizer's are `GGUFArray`, decoded only
+            when read); None otherwise.
     """
 
     def __init__(
@@ -67,12 +74,14 @@ class Weights(Mapping[str, "mx.array"]):
         model: str,
         component: str | None,
         quantization: Quantization | None,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         self._arrays = arrays
         self.info = info
         self.model = model
         self.component = component
         self.quantization = quantization
+        self.metadata = metadata
 
     def __getitem__(self, name: str) -> mx.array:
         try:

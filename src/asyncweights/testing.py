@@ -320,9 +320,9 @@ class StoreBuilder:
         self,
         name: str,
         *,
-        weights: bytes | None = None,
-        projector: bytes | None = None,
-        adapter: bytes | None = None,
+        weights: StrPath | bytes | None = None,
+        projector: StrPath | bytes | None = None,
+        adapter: StrPath | bytes | None = None,
         base: bool = True,
         layout: LayoutName = "legacy",
     ) -> Path:
@@ -330,16 +330,18 @@ class StoreBuilder:
         (unless `base` is False: an adapter-only model), optional projector and adapter,
         template, params and license layers, and a ``model_format: gguf`` config.
 
-        The bytes default to a GGUF magic and version followed by filler: enough for a store
-        listing, not a readable GGUF file. Returns the manifest path (see `lay_out`).
+        `weights`, `projector` and `adapter` are a GGUF file's bytes or path (streamed into
+        a blob). The weights default to a GGUF magic and version followed by filler: enough
+        for a store listing, not a readable GGUF file. Returns the manifest path (see
+        `lay_out`).
         """
         layers = []
         if base:
             data = weights if weights is not None else b"GGUF\x03\x00\x00\x00" + name.encode()
-            layers.append(self.add_bytes("", data, media_type=_GGUF_MEDIA_TYPES["model"]))
+            layers.append(self._gguf_layer(data, _GGUF_MEDIA_TYPES["model"]))
         for what, extra in (("projector", projector), ("adapter", adapter)):
             if extra is not None:
-                layers.append(self.add_bytes("", extra, media_type=_GGUF_MEDIA_TYPES[what]))
+                layers.append(self._gguf_layer(extra, _GGUF_MEDIA_TYPES[what]))
         layers.append(
             self.add_bytes("", b"{{ .Prompt }}", media_type=_GGUF_MEDIA_TYPES["template"])
         )
@@ -354,6 +356,18 @@ class StoreBuilder:
         )  # fmt: skip
         write_manifest(self.root, name, build_manifest(config, layers))
         return self.lay_out(name, layout)
+
+    def _gguf_layer(self, source: StrPath | bytes, media_type: str) -> Layer:
+        if isinstance(source, bytes):
+            return self.add_bytes("", source, media_type=media_type)
+
+        def chunks() -> Iterable[bytes]:
+            with open(source, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    yield chunk
+
+        blob = write_blob(self.root, chunks())
+        return Layer(media_type, blob.digest, blob.size, "")
 
     def add_cloud_model(
         self,
