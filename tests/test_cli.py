@@ -75,7 +75,7 @@ def test_ls_lists_models(store: Path, tmp_path: Path) -> None:
     text = cli("ls", "--store", str(store), tmp=tmp_path)
     assert text.returncode == 0
     assert text.stdout.splitlines()[0].split() == [
-        "NAME", "ID", "SIZE", "TENSORS", "COMPONENTS", "QUANTIZATION"
+        "NAME", "ID", "SIZE", "MODIFIED", "KIND", "FORMAT", "DETAILS"
     ]  # fmt: skip
 
 
@@ -176,8 +176,21 @@ def test_import_command(tmp_path: Path) -> None:
     assert first["tensors"] == 3
     assert first["quantization"] == "int8"
     assert first["new_blobs"] == first["blobs"] == 6  # weight, scale, qbias, 2 JSON, config
-    again = ok_json(cli(*args, "--layout", "data", tmp=tmp_path))
+    assert first["store"] == store
+    manifest = Path(store) / "manifests/registry.ollama.ai/library/mine/q8"
+    before = manifest.read_bytes()
+    refused = cli(*args, tmp=tmp_path)  # named layout this time: a different manifest
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        f"error: a model of that name is already in store {store!r}; pass force=True (CLI: "
+        f"--force) to replace it (model 'mine:q8', file {str(manifest)!r})\n"
+    )
+    assert manifest.read_bytes() == before
+    again = ok_json(cli(*args, "--layout", "data", "--force", tmp=tmp_path))
     assert again["new_blobs"] == 0
+    text = cli(*args[:-1], "--force", tmp=tmp_path)
+    assert text.returncode == 0
+    assert text.stdout.startswith(f"imported mine:q8 into store {store}: 3 tensors in 3 blobs")
     loaded = ok_json(cli("load", "mine:q8", "--store", store, "--json", tmp=tmp_path))
     assert loaded["quantization"] == "int8"
 
@@ -247,7 +260,7 @@ def test_version() -> None:
 def test_every_argument_of_every_command_has_help() -> None:
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert sorted(commands.choices) == ["demo", "import", "load", "ls", "show", "verify"]
+    assert sorted(commands.choices) == ["demo", "import", "load", "ls", "rm", "show", "verify"]
     parsers = {"asyncweights": parser} | {
         f"asyncweights {name}": sub for name, sub in commands.choices.items()
     }

@@ -40,6 +40,8 @@ from ._manifest import ModelConfig as ModelConfig
 from ._model import Model as Model
 from ._progress import Progress as Progress
 from ._quant import Quantization as Quantization
+from ._remove import Removal as Removal
+from ._remove import remove_model as remove_model
 from ._store import ModelName as ModelName
 from ._store import ModelStore as ModelStore
 from ._weights import Tensor as Tensor
@@ -76,6 +78,7 @@ __all__ = [
     "Progress",
     "Quantization",
     "QuantizationError",
+    "Removal",
     "SizeMismatchError",
     "SourceError",
     "StoreWriteError",
@@ -87,6 +90,7 @@ __all__ = [
     "Weights",
     "import_model",
     "load_weights",
+    "remove_model",
     "stream_weights",
 ]
 

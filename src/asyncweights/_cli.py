@@ -17,6 +17,7 @@ Exit codes: 0 success, 1 an asyncweights error (one ``error: ...`` line) or a fa
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import math
 import os
@@ -42,7 +43,7 @@ from ._load import load_weights
 from ._model import Model
 from ._plan import Plan, make_plan
 from ._progress import Progress
-from ._store import ModelStore
+from ._store import ModelStore, child_runner_of
 
 __all__ = ["main", "run"]
 
@@ -239,39 +240,204 @@ async def _describe(model: Model) -> tuple[Plan, dict[str, Any]]:
     return plan, facts
 
 
+_KIND_NAMES = {
+    "tensor": "tensor model",
+    "gguf": "GGUF model",
+    "adapter": "adapter only",
+    "cloud": "cloud model",
+    "empty": "no weights",
+}
+
+
+def _size(model: Model) -> int:
+    """Bytes of the distinct blobs the manifest names (config included, anchors not), as
+    ``ollama ls`` sizes a model."""
+    layers = [model.manifest.config, *model.manifest.layers]
+    anchors = {id(x) for x in model.manifest.anchor_layers}
+    return sum({x.digest: x.size for x in layers if id(x) not in anchors}.values())
+
+
+def _modified(model: Model) -> str | None:
+    if model.modified is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(model.modified, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _children(model: Model) -> list[dict[str, Any]]:
+    """A manifest list's children: runner, format, digest and whether it is in the store."""
+    if model.manifest_list is None:
+        return []
+    out = []
+    for child in model.manifest_list.manifests:
+        local = child.inline is not None or (
+            bool(child.digest) and model.store.blob_path(child.digest).exists()
+        )
+        out.append(
+            {"runner": child_runner_of(child), "format": child.format,
+             "digest": child.digest or None, "local": local}
+        )  # fmt: skip
+    return out
+
+
+async def _facts(model: Model, name: str) -> dict[str, Any]:
+    """What `ls` and `show` say about any kind of model."""
+    facts: dict[str, Any] = {
+        "name": name,
+        "id": model.digest.removeprefix("sha256:")[:12],
+        "digest": model.digest,
+        "kind": model.kind,
+        "format": model.format,
+        "runner": model.runner,
+        "size": _size(model),
+        "modified": _modified(model),
+        "layout": model.layout,
+    }
+    if model.manifest_list is not None:
+        facts["manifest_list"] = {"digest": model.list_digest, "children": _children(model)}
+    if model.skipped:
+        facts["skipped"] = model.skipped
+    try:
+        config = await model.config()
+    except AsyncWeightsError as exc:
+        facts["config_error"] = exc.reason
+        config = None
+    if config is not None:
+        facts["config"] = {k: v for k, v in msgspec.structs.asdict(config).items() if v}
+    return facts
+
+
+def _details(row: dict[str, Any]) -> str:
+    """The DETAILS column of `ls`."""
+    kind = row.get("kind")
+    config = row.get("config", {})
+    if kind == "unreadable":
+        return f"unreadable: {row['error']}"
+    if kind == "tensor":
+        if "error" in row:
+            text = f"broken: {row['error']}"
+        else:
+            text = f"{row['tensors']} tensors"
+            if row["components"]:
+                text += ", components " + ",".join(row["components"])
+            text += f", {row['quantization'] or 'unquantized'}"
+    elif kind == "gguf":
+        text = " ".join(x for x in (config.get("file_type"), config.get("model_family")) if x)
+    elif kind == "adapter":
+        text = "no base weights"
+    elif kind == "cloud":
+        text = f"runs on {config.get('remote_host') or '?'}"
+        if config.get("remote_model"):
+            text += f" as {config['remote_model']}"
+    else:
+        text = ""
+    if "manifest_list" in row:
+        children = row["manifest_list"]["children"]
+        listed = ", ".join(
+            f"{c['runner']}/{c['format']}" + ("" if c["local"] else " (absent)") for c in children
+        )
+        text = (text + "; " if text else "") + f"list: {listed}"
+    if "skipped" in row:
+        text = (text + "; " if text else "") + f"manifests-v2 skipped: {row['skipped']}"
+    return text or "-"
+
+
 async def cmd_ls(args: argparse.Namespace, out: Output) -> Result:
-    store = ModelStore(args.store)
+    store = ModelStore(args.store, runner=args.runner)
     rows: list[dict[str, Any]] = []
-    errors = []
     async for name in store.models():
         try:
             model = await store.open(name)
-            _, facts = await _describe(model)
         except AsyncWeightsError as exc:
-            errors.append(str(exc))
-            rows.append({"name": str(name), "error": exc.reason})
+            rows.append({"name": str(name), "kind": "unreadable", "error": exc.reason})
             continue
-        facts["name"] = str(name)
-        rows.append(facts)
-    table = [["NAME", "ID", "SIZE", "TENSORS", "COMPONENTS", "QUANTIZATION"]]
+        row = await _facts(model, str(name))
+        if model.kind == "tensor":
+            try:
+                _, described = await _describe(model)
+            except AsyncWeightsError as exc:
+                row["error"] = exc.reason
+            else:
+                for key in ("tensors", "components", "quantization"):
+                    row[key] = described[key]
+        rows.append(row)
+    table = [["NAME", "ID", "SIZE", "MODIFIED", "KIND", "FORMAT", "DETAILS"]]
     for r in rows:
-        if "error" in r:
-            table.append([r["name"], "-", "-", "-", "-", f"broken: {r['error']}"])
-            continue
+        modified = (r.get("modified") or "-").replace("T", " ").removesuffix("Z")[:16]
         table.append([
-            r["name"], r["id"], format_bytes(r["size"]), str(r["tensors"]),
-            ",".join(r["components"]) or "-", r["quantization"] or "-",
+            r["name"], r.get("id", "-"), format_bytes(r["size"]) if "size" in r else "-",
+            modified, _KIND_NAMES.get(r["kind"], r["kind"]), r.get("format") or "-", _details(r),
         ])  # fmt: skip
-    keep = ("name", "id", "size", "tensors", "components", "quantization", "error")
-    data = {"store": str(store.root), "models": [{k: r[k] for k in keep if k in r} for r in rows]}
-    return Result(data, _table(table), status=1 if errors else 0, errors=errors)
+    data = {"store": str(store.root), "models": rows}
+    return Result(data, _table(table))
 
 
 async def cmd_show(args: argparse.Namespace, out: Output) -> Result:
-    store = ModelStore(args.store)
+    store = ModelStore(args.store, runner=args.runner)
     model = await store.open(model_ref(args.model))
+    facts = await _facts(model, model.label)
+    facts.update(
+        manifest=str(model.path) if model.path else None, layers=len(model.manifest.layers)
+    )
+    lines = [
+        f"model         {facts['name']}",
+        f"kind          {_KIND_NAMES[model.kind]}  format {model.format or '-'}"
+        f"  runner {model.runner or '-'}",
+        f"manifest      {facts['manifest']} ({model.layout or '-'})",
+        f"digest        {model.digest}",
+        f"modified      {facts['modified'] or '-'}  size {format_bytes(facts['size'])}",
+    ]
+    if "manifest_list" in facts:
+        listed = ", ".join(
+            f"{c['runner']}/{c['format']}" + ("" if c["local"] else " (absent)")
+            for c in facts["manifest_list"]["children"]
+        )
+        lines.append(f"manifest list {model.list_digest}: {listed}")
+    if model.skipped:
+        lines.append(f"skipped       manifests-v2 entry: {model.skipped}")
+    if model.kind == "tensor":
+        lines += await _show_tensor(model, facts)
+    else:
+        lines += _show_layers(model, facts)
+    return Result(facts, lines)
+
+
+def _show_layers(model: Model, facts: dict[str, Any]) -> list[str]:
+    """`show`'s lines for a model that is not a tensor model: its config and its layers."""
+    config = facts.get("config", {})
+    lines = []
+    for key in ("model_format", "model_family", "file_type", "remote_host", "remote_model",
+                "parser", "renderer", "requires"):  # fmt: skip
+        if config.get(key):
+            lines.append(f"{key:<13} {config[key]}")
+    if config.get("capabilities"):
+        lines.append(f"capabilities  {','.join(config['capabilities'])}")
+    if "config_error" in facts:
+        lines.append(f"config        unreadable: {facts['config_error']}")
+    if model.kind == "cloud":
+        lines.append("weights       none here: the model runs on its remote host")
+    facts["layer_list"] = [
+        {"media_type": x.media_type, "digest": x.digest, "size": x.size, "name": x.name}
+        for x in model.manifest.layers
+    ]
+    if model.manifest.layers:
+        table = [["LAYER", "DIGEST", "SIZE", "NAME"]]
+        for x in model.manifest.layers:
+            short = x.media_type.removeprefix("application/vnd.ollama.image.")
+            short = short.removeprefix("application/vnd.")
+            table.append([short, x.digest[7:19], format_bytes(x.size), x.name or "-"])
+        lines += ["", *_table(table)]
+    return lines
+
+
+async def _show_tensor(model: Model, facts: dict[str, Any]) -> list[str]:
+    """`show`'s lines for a tensor model: components, quantization, parameters, dtypes."""
     config = await model.config()
-    _, facts = await _describe(model)
+    _, described = await _describe(model)
+    described["tensor_layers_size"] = described.pop("size")
+    for key in ("name", "id"):
+        described.pop(key)
+    facts.update(described)
     index: dict[str, Any] = {}
     if "model_index.json" in model.config_names:
         value = await model.read_config("model_index.json")
@@ -282,8 +448,6 @@ async def cmd_show(args: argparse.Namespace, out: Output) -> Result:
                 if k in value
             }
     facts.update(
-        manifest=str(model.path) if model.path else None,
-        layers=len(model.manifest.layers),
         model_format=config.model_format,
         file_type=config.file_type,
         capabilities=config.capabilities or [],
@@ -292,13 +456,11 @@ async def cmd_show(args: argparse.Namespace, out: Output) -> Result:
         model_index=index,
     )
     lines = [
-        f"model         {facts['name']}",
-        f"manifest      {facts['manifest']}",
-        f"format        {config.model_format or '-'}  file_type {config.file_type or '-'}"
+        f"config        {config.model_format or '-'}  file_type {config.file_type or '-'}"
         f"  requires {config.requires or '-'}"
         f"  capabilities {','.join(facts['capabilities']) or '-'}",
         f"layers        {facts['layers']} ({facts['blobs']} tensor blobs, "
-        f"{format_bytes(facts['size'])})",
+        f"{format_bytes(facts['tensor_layers_size'])})",
         f"tensors       {facts['tensors']} ({format_bytes(facts['tensor_bytes'])})",
         f"parameters    {facts['parameters']:,}",
         f"quantization  {facts['quantization'] or 'none'}",
@@ -326,7 +488,7 @@ async def cmd_show(args: argparse.Namespace, out: Output) -> Result:
     lines += _table(table)
     if model.config_names:
         lines += ["", "configs       " + ", ".join(model.config_names)]
-    return Result(facts, lines)
+    return lines
 
 
 # ------------------------------------------------------------------------------ load, verify
@@ -346,7 +508,7 @@ async def load_summary(
     model: str | Path | Model,
     component: str | None,
     *,
-    store: str | None,
+    store: str | ModelStore | None,
     dtype: Any = None,
     verify: bool = False,
     description: str = "loading",
@@ -416,21 +578,28 @@ async def cmd_load(args: argparse.Namespace, out: Output) -> Result:
 
     dtype = getattr(mx, _DTYPES[args.dtype]) if args.dtype else None
     ref = model_ref(args.model)
+    store = ModelStore(args.store, runner=args.runner)
     summary = await load_summary(
-        out, ref, args.component, store=args.store, dtype=dtype, verify=args.verify
+        out, ref, args.component, store=store, dtype=dtype, verify=args.verify
     )
     summary.update(peak_memory())
     return Result(summary, [*summary_lines(summary), memory_line(summary)])
 
 
 async def cmd_verify(args: argparse.Namespace, out: Output) -> Result:
-    store = ModelStore(args.store)
-    model = await store.open(model_ref(args.model))
+    model = await ModelStore(args.store, runner=args.runner).open(model_ref(args.model))
+    store = model.store  # a manifest path may have fixed another store than --store's
     layers = [model.manifest.config, *model.manifest.layers]
     blobs: dict[str, tuple[int, list[str]]] = {}
     for layer in layers:
         size, names = blobs.setdefault(layer.digest, (layer.size, []))
         names.append("(config)" if layer is model.manifest.config else layer.name or "")
+    # Ollama 0.40 keeps manifest documents as blobs too: the runnable one and its list.
+    for digest, what in ((model.digest, "(manifest)"), (model.list_digest, "(manifest list)")):
+        if digest and digest not in blobs and model.layout != "manifests":
+            path = store.blob_path(digest)
+            if path.exists():
+                blobs[digest] = (path.stat().st_size, [what])
     total = sum(size for size, _ in blobs.values())
     config_digest = model.manifest.config.digest
     done = [0]
@@ -514,7 +683,7 @@ async def cmd_import(args: argparse.Namespace, out: Output) -> Result:
     started = time.perf_counter()
     model = await import_model(
         args.directory, args.name, store=store, layout=args.layout, quantize=args.quantize,
-        variant=args.variant, on_progress=out.on_progress,
+        variant=args.variant, force=args.force, on_progress=out.on_progress,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     out.clear()
@@ -523,6 +692,7 @@ async def cmd_import(args: argparse.Namespace, out: Output) -> Result:
     _, facts = await _describe(model)
     data = {
         "name": args.name,
+        "store": str(store.root),
         "manifest": str(model.path),
         "layout": args.layout,
         "quantize": args.quantize,
@@ -535,8 +705,9 @@ async def cmd_import(args: argparse.Namespace, out: Output) -> Result:
         "components": facts["components"],
     }
     lines = [
-        f"imported {args.name}: {data['tensors']} tensors in {data['blobs']} blobs "
-        f"({data['new_blobs']} new), {format_bytes(data['bytes'])} in {seconds:.2f} s",
+        f"imported {args.name} into store {store.root}: {data['tensors']} tensors in "
+        f"{data['blobs']} blobs ({data['new_blobs']} new), {format_bytes(data['bytes'])} "
+        f"in {seconds:.2f} s",
         f"  layout {args.layout}, quantization {data['quantization'] or 'none'}",
     ]
     return Result(data, lines)
@@ -547,6 +718,28 @@ def _blob_names(store: ModelStore) -> list[str]:
         return [p.name for p in store.blobs_dir.iterdir() if p.name.startswith("sha256-")]
     except FileNotFoundError:
         return []
+
+
+async def cmd_rm(args: argparse.Namespace, out: Output) -> Result:
+    from ._remove import remove_model
+
+    store = ModelStore(args.store)
+    removed = []
+    lines = []
+    for name in args.names:
+        result = await remove_model(name, store=store)
+        removed.append(
+            {"name": name, "manifests": [str(p) for p in result.manifests],
+             "blobs": result.blobs, "kept": result.kept,
+             "unreadable": [str(p) for p in result.unreadable]}
+        )  # fmt: skip
+        line = f"deleted '{name}' from store {store.root}: {len(result.blobs)} blobs removed"
+        if result.kept:
+            line += f", {len(result.kept)} kept (still used)"
+        lines.append(line)
+        for path in result.unreadable:
+            lines.append(f"  kept every blob: manifest {path} cannot be read")
+    return Result({"store": str(store.root), "removed": removed}, lines)
 
 
 async def cmd_demo(args: argparse.Namespace, out: Output) -> Result:
@@ -571,6 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", metavar="DIR", help="models root (default: $OLLAMA_MODELS or ~/.ollama/models)"
     )
     common.add_argument("--json", action="store_true", help="print the result as JSON")
+    common.add_argument(
+        "--runner",
+        choices=["mlx", "llamacpp", "ggml"],
+        help="the child of an Ollama manifest list to use (default: mlx, then llamacpp, ggml)",
+    )
     common.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -637,7 +835,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variant", help="Hugging Face weight variant to load (model.fp16.safetensors …)"
     )
+    p.add_argument(
+        "--force", action="store_true", help="replace a model of the same name in the store"
+    )
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "rm",
+        parents=[common],
+        help="remove models and the blobs no other model uses",
+        description="Remove each model's manifest (its manifests-v2 entry and legacy manifest),"
+        " then every blob it used that no other manifest, manifest list or manifest document"
+        " uses, as `ollama rm` does.",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME", help="model names, e.g. my-model:latest")
+    p.set_defaults(func=cmd_rm)
     return parser
 
 

@@ -28,7 +28,15 @@ import anyio.to_thread
 import mlx.core as mx
 import msgspec
 
-from ._errors import AsyncWeightsError, SourceError, StoreWriteError, single_error
+from ._errors import (
+    AsyncWeightsError,
+    ManifestError,
+    ModelExistsError,
+    ModelNotFoundError,
+    SourceError,
+    StoreWriteError,
+    single_error,
+)
 from ._limits import Limits
 from ._model import Model
 from ._progress import Progress, ProgressCallback, ProgressReporter
@@ -174,10 +182,14 @@ async def import_model(
     layout: ImportLayout = "named",
     quantize: str | None = None,
     variant: str | None = None,
+    force: bool = False,
     on_progress: ProgressCallback | None = None,
     limits: Limits | None = None,
 ) -> Model:
     """Import a downloaded safetensors model folder into the store under `name`.
+
+    A model already in the store under `name` (any layout, matched as loading matches it) is
+    never replaced unless `force` is true; the refusal comes before anything is written.
 
     Source layouts recognized (each selected as the tool that wrote it loads it by default):
     a Hugging Face folder (``model.safetensors``, or any ``*.safetensors``), a sharded one
@@ -197,6 +209,8 @@ async def import_model(
             Ollama's rule selects with MLX (affine); None keeps the source as it is.
         variant: a Hugging Face weight variant such as ``"fp16"``
             (``model.fp16.safetensors``), as ``from_pretrained(variant=...)`` loads.
+        force: replace a model of the same name (its ``manifests-v2`` entry is removed, so
+            the new manifest is the one that resolves).
         on_progress: receives `Progress` events: ``"planning"`` while the source is read,
             ``"writing"`` as source bytes are hashed and written (``completed_bytes`` of
             ``total_bytes``, the source tensors' sizes), then ``"done"``.
@@ -211,6 +225,7 @@ async def import_model(
         StoreWriteError: writing the store failed (ENOSPC, EIO, EACCES …; an `OSError`
             with ``errno``, naming the model, store and file).
         InvalidNameError: `name` breaks Ollama's grammar.
+        ModelExistsError: `name` is in the store already and `force` is false.
         ValueError: a bad `layout` or `quantize` value.
 
     On any error (and on cancellation) every blob this import created that no manifest
@@ -228,6 +243,14 @@ async def import_model(
     limits = limits or Limits()
     model_store = store if isinstance(store, ModelStore) else ModelStore(store)
     root = model_store.root
+    existing = await anyio.to_thread.run_sync(_existing, model_store, name)
+    if existing is not None and not force:
+        raise ModelExistsError(
+            f"a model of that name is already in store {str(root)!r}; pass force=True "
+            "(CLI: --force) to replace it",
+            model=name,
+            path=existing,
+        )
     started = time.monotonic()
     reporter = ProgressReporter(on_progress, limits.progress_interval, name)
     tally = _Tally()
@@ -273,6 +296,8 @@ async def import_model(
                     config_layer = Layer(CONFIG_MEDIA_TYPE, blob.digest, blob.size)
                     manifest = build_manifest(config_layer, layers)
                     await anyio.to_thread.run_sync(write_manifest, root, name, manifest)
+                    if existing is not None:
+                        await anyio.to_thread.run_sync(_drop_v2_entries, model_store, name)
                     inner.cancel_scope.cancel()  # the ticker
             except BaseException:
                 reporter.close(None)
@@ -286,6 +311,24 @@ async def import_model(
             raise
         raise typed from typed.__cause__
     return await model_store.open(name)
+
+
+def _existing(store: ModelStore, name: str) -> Path | None:
+    """The entry a model of this name resolves to, if the store has one (even unreadable)."""
+    try:
+        return store.resolve(name)
+    except ModelNotFoundError:
+        return None
+    except ManifestError as exc:
+        return exc.path or store.manifest_path(name)
+
+
+def _drop_v2_entries(store: ModelStore, name: str) -> None:
+    """Remove the ``manifests-v2`` entries of `name`: the manifest just written replaces them."""
+    from ._layout import find_entries
+
+    for path in find_entries(store.root, "manifests-v2", ModelName.parse(name).parts, name):
+        path.unlink(missing_ok=True)
 
 
 async def _write_items(
