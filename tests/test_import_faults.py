@@ -346,3 +346,35 @@ async def test_kill_9_at_random_points_then_reimport_and_load(tmp_path: Path) ->
         referenced = {layer.digest for layer in [model.manifest.config, *model.manifest.layers]}
         on_disk = {"sha256:" + p.name[7:] for p in (store / "blobs").glob("sha256-*")}
         assert on_disk == referenced, round_
+
+
+async def test_roll_back_keeps_blobs_any_manifest_references(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_source(tmp_path / "b", 2, [4096] * 4)
+    reference = await aw.import_model(tmp_path / "b", "b", store=tmp_path / "ref")
+    kept = reference.tensor_layers[0].digest  # the first blob the import writes
+    store = tmp_path / "store"
+    # Another writer's manifest (here in Ollama 0.40's manifests-v2 tree) names that blob.
+    other = store / "manifests-v2/registry.ollama.ai/library/other/latest"
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps({"layers": [{"digest": kept}]}))
+    _fail_nth(monkeypatch, "fsync", 6, errno.EIO)
+    with pytest.raises(aw.StoreWriteError):
+        await aw.import_model(tmp_path / "b", "b", store=store, limits=aw.Limits(workers=1))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (store / "blobs").iterdir()) == ["sha256-" + kept[7:]]
+
+
+def test_next_import_sweeps_every_manifest_folder(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    folders = [store / "blobs", store / "manifests/registry.ollama.ai/library/other"]
+    old = time.time() - STALE_TEMP_AGE - 1
+    for folder in folders:
+        folder.mkdir(parents=True)
+        dead = folder / ".asyncweights-4242-killed.tmp"
+        dead.write_bytes(b"partial")
+        os.utime(dead, (old, old))
+    write_source(tmp_path / "src", 1, [4096])
+    anyio.run(lambda: aw.import_model(tmp_path / "src", "m", store=store))
+    assert not list(store.rglob(".asyncweights-*"))

@@ -303,7 +303,7 @@ MLX_CASES = {
 STORE_TYPES = {("affine", 4): "int4", ("affine", 8): "int8", ("mxfp4", 4): "mxfp4"}
 
 
-def write_mlx_lm(root: Path, case: str) -> Toy:
+def write_mlx_lm(root: Path, case: str, shards: int = 1) -> Toy:
     """Quantize a small model with nn.quantize and save it the way mlx-lm does."""
     mx.random.seed(7)
     model = Toy()
@@ -318,7 +318,18 @@ def write_mlx_lm(root: Path, case: str) -> Toy:
     nn.quantize(model, block["group_size"], block["bits"], mode=mode, class_predicate=predicate)
     root.mkdir(parents=True)
     weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(root / "model.safetensors"), weights, metadata={"format": "mlx"})
+    if shards == 1:
+        mx.save_safetensors(str(root / "model.safetensors"), weights, metadata={"format": "mlx"})
+    else:  # mlx-lm's save_model: model-0000i-of-0000n.safetensors plus the index
+        names = sorted(weights)
+        weight_map = {}
+        for i in range(shards):
+            shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: weights[n] for n in names[i::shards]}
+            mx.save_safetensors(str(root / shard), part, metadata={"format": "mlx"})
+            weight_map |= dict.fromkeys(part, shard)
+        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+        (root / "model.safetensors.index.json").write_text(json.dumps(index))
     config = {"model_type": "toy", "quantization": {**block, **overrides}}
     config["quantization_config"] = config["quantization"]  # mlx-lm writes both
     (root / "config.json").write_text(json.dumps(config))
@@ -327,9 +338,12 @@ def write_mlx_lm(root: Path, case: str) -> Toy:
 
 @pytest.mark.parametrize("case", sorted(MLX_CASES))
 async def test_mlx_lm_quantized_model_round_trips(tmp_path: Path, case: str) -> None:
-    toy = write_mlx_lm(tmp_path / "src", case)
-    source = mx.load(str(tmp_path / "src" / "model.safetensors"))
-    assert isinstance(source, dict)
+    toy = write_mlx_lm(tmp_path / "src", case, shards=2 if case == "int8-g32" else 1)
+    source: dict[str, mx.array] = {}
+    for path in sorted((tmp_path / "src").glob("*.safetensors")):
+        loaded = mx.load(str(path))
+        assert isinstance(loaded, dict)
+        source |= loaded
     model = await aw.import_model(tmp_path / "src", "toy-q", store=tmp_path / "s")
     weights = await aw.load_weights(model)
     block = MLX_CASES[case][0]
@@ -354,6 +368,17 @@ async def test_mlx_lm_quantized_model_round_trips(tmp_path: Path, case: str) -> 
         assert info.quantization == aw.Quantization.of(
             STORE_TYPES[(layer.mode, layer.bits)], layer.group_size
         ), module
+        # Blob-wide quant keys where the module is quantized as the model says, per-tensor
+        # keys where it differs (an override).
+        layer_of = {x.name: x for x in model.tensor_layers}
+        blob = tmp_path / "s" / "blobs" / layer_of[w].digest.replace(":", "-")
+        header_len = int.from_bytes(blob.read_bytes()[:8], "little")
+        meta = json.loads(blob.read_bytes()[8 : 8 + header_len])["__metadata__"]
+        prefix = f"{w}." if module in MLX_CASES[case][1] else ""
+        assert meta == {
+            prefix + "quant_type": info.quantization.type,
+            prefix + "group_size": str(layer.group_size),
+        }
         # Bit-exact: the packed weight, scales and biases are the source's bytes.
         assert raw(weights[w]) == raw(source[w])
         assert raw(weights[w + "_scale"]) == raw(source[module + ".scales"])

@@ -37,9 +37,11 @@ from ._errors import (
     StoreWriteError,
     single_error,
 )
+from ._files import read_file
 from ._limits import Limits
 from ._model import Model
 from ._progress import Progress, ProgressCallback, ProgressReporter
+from ._quant import Quantization
 from ._quantize import QuantParams, quant_params, quantize_array, should_quantize
 from ._source import PackedSource, Source, SourceTensor, scan_source
 from ._store import ModelName, ModelStore
@@ -64,9 +66,11 @@ __all__ = ["import_model", "write_quantized"]
 
 ImportLayout: TypeAlias = Literal["named", "data"]
 _QUANTIZE = {"q4": "int4", "int4": "int4", "q8": "int8", "int8": "int8"}
-# E0 labels in model_index.json ("Q4" is affine 4-bit group 32, "Q8" group 64: §5.1).
+# E0 labels in model_index.json: "Q4" is affine 4-bit group 32, "Q8" group 64 (ollama
+# x/create/client/quantize.go@6ddd8862c).
 _E0_LABELS = {"int4": "Q4", "int8": "Q8"}
 _DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
+_CAP = 64 << 20  # no manifest is this large; a link to a weight blob is not read whole
 _json = msgspec.json.Decoder()
 
 
@@ -102,8 +106,9 @@ def write_quantized(
     """Quantize one weight and write it as Ollama does; return its layers (blocking).
 
     ``named``: one MLX-written blob holding ``X``, ``X.scale`` and ``X.bias`` with the
-    ``quant_type``/``group_size`` metadata; its keys keep a component prefix (FORMAT.md
-    §3.3). ``data``: three E0 ``"data"`` blobs, layers ``X``, ``X_scale``, ``X_qbias``.
+    ``quant_type``/``group_size`` metadata; its keys keep a component prefix (ollama
+    ``x/create/client/quantize.go@a0407d07f``). ``data``: three E0 ``"data"`` blobs,
+    layers ``X``, ``X_scale``, ``X_qbias``.
     """
     weight, scales, biases = quantize_array(array, params)
     if layout == "data":
@@ -133,19 +138,22 @@ def _import_item(
     pipeline: bool,
     created: set[str],
     tally: _Tally,
+    model_quantization: Quantization | None = None,
 ) -> list[Layer]:
     """Write one source tensor's blobs (a worker-thread call: MLX arrays stay on one thread)."""
     if isinstance(item, PackedSource):
-        # Repacked as Ollama's prequantized import does (FORMAT.md §3.4): X, X.scale, X.bias
-        # in one Go-written blob; the bytes are the source's, unchanged. Pipeline keys keep
-        # their component, as Ollama's quantized image-gen blobs do (§3.3).
+        # Repacked as Ollama's prequantized import does (ollama x/create/prequant.go@fb3076099):
+        # X, X.scale and X.bias in one Go-written blob, the source's bytes unchanged. A module
+        # quantized like the model says gets blob-wide keys; one that differs gets per-tensor
+        # keys (x/create/quantize.go@fb3076099), so a reader never takes the model's label.
         q = item.quantization
         names = [item.name, item.name + ".scale", item.name + ".bias"]
         parts = [
             Tensor(key, t.entry.dtype, t.entry.shape, t.chunks(tally.add_bytes))
             for key, t in zip(names, item.parts, strict=False)
         ]
-        meta = {"quant_type": q.type, "group_size": str(q.group_size)}
+        prefix = "" if q == model_quantization else item.name + "."
+        meta = {prefix + "quant_type": q.type, prefix + "group_size": str(q.group_size)}
         blob = write_tensor_blob(root, parts, style="go", metadata=meta, created=created)
         tally.finish(item.name, 0)
         return [Layer(TENSOR_MEDIA_TYPE, blob.digest, blob.size, item.name)]
@@ -165,9 +173,10 @@ def _import_item(
     if layout == "data":
         key = "data"
     elif pipeline and not tensor.key.startswith(f"{tensor.component}/"):
-        key = tensor.key  # Ollama keys an unquantized image-gen blob by the bare name (§3.2)
+        # Ollama keys an unquantized image-gen blob by the bare name (x/create/imagegen.go)
+        key = tensor.key
     else:
-        key = tensor.name  # the reader names it exactly this (§3.6), "/" and all
+        key = tensor.name  # the reader names it exactly this, "/" and all (docs/format.md)
     data = Tensor(key, entry.dtype, entry.shape, tensor.chunks(tally.add_bytes))
     blob = write_tensor_blob(root, [data], style="go", created=created)
     tally.finish(tensor.name, 0)
@@ -353,8 +362,9 @@ async def _write_items(
                 facts = (item.entry.dtype, item.entry.shape, params.group_size)
                 p = params if should_quantize(item.name, *facts) else None
             results[i] = await anyio.to_thread.run_sync(
-                _import_item, root, item, p, layout, source.pipeline, created, tally
-            )
+                _import_item, root, item, p, layout, source.pipeline, created, tally,
+                source.quantization,
+            )  # fmt: skip
             reporter.emit(event("writing"))
 
     async with anyio.create_task_group() as writers:
@@ -407,9 +417,12 @@ def _typed(exc: BaseException, model: str, root: Path) -> BaseException:
 
 
 def _sweep(root: Path, name: str) -> None:
-    """Remove dead imports' temporary files from blobs/ and this model's manifest folder."""
+    """Remove dead writers' temporary files from blobs/ and every manifest folder."""
     remove_stale_temps(root / "blobs")
-    remove_stale_temps(manifest_path(root, name).parent)
+    folders = {manifest_path(root, name).parent, *root.glob("manifests/*/*/*")}
+    for folder in folders:
+        if folder.is_dir() and not folder.is_symlink():
+            remove_stale_temps(folder)
 
 
 def _missing_dirs(root: Path, name: str) -> list[Path]:
@@ -428,14 +441,16 @@ def _roll_back(root: Path, created: set[str], new_dirs: list[Path]) -> None:
     does not parse keeps its blobs.
     """
     referenced: set[bytes] = set()
-    manifests = root / "manifests"
-    if created and manifests.is_dir():
-        for dirpath, _, files in os.walk(manifests):
+    for tree in ("manifests", "manifests-v2"):  # Ollama 0.40 links manifests-v2 to blobs
+        if not created:
+            break
+        for dirpath, _, files in os.walk(root / tree):
             for file in files:
                 try:
-                    referenced.update(_DIGEST.findall(Path(dirpath, file).read_bytes()))
-                except OSError:
-                    continue
+                    data = read_file(os.path.join(dirpath, file), "manifest", max_size=_CAP)
+                except AsyncWeightsError:
+                    continue  # a FIFO, a device or a huge file is no manifest
+                referenced.update(_DIGEST.findall(data))
     for digest in created:
         if digest.encode() not in referenced:
             Path(root, "blobs", digest.replace(":", "-")).unlink(missing_ok=True)
@@ -460,7 +475,8 @@ def _write_configs(
         blob = write_blob(root, [data], created=created)
         layers.append(Layer(JSON_MEDIA_TYPE, blob.digest, blob.size, name))
     if not source.pipeline and qtype is not None and layout == "data":
-        # E0 LLM imports added a synthetic model_index.json when quantizing (FORMAT.md §4.3).
+        # E0 LLM imports added a synthetic model_index.json when quantizing (ollama
+        # x/create/create.go@6ddd8862c).
         group = quant_params(qtype, era="E0").group_size
         data = encode_json({"group_size": group, "quantization": _E0_LABELS[qtype]})
         blob = write_blob(root, [data], created=created)
@@ -471,7 +487,7 @@ def _write_configs(
 def _pipeline_index(
     source: Source, index: dict[str, Any], qtype: str | None, layout: ImportLayout
 ) -> bytes:
-    """A diffusers model_index.json as Ollama stores it (FORMAT.md §4.3)."""
+    """A diffusers model_index.json as Ollama stores it (x/create/imagegen.go@6ddd8862c)."""
     out = {k: v for k, v in index.items() if k not in ("_class_name", "_diffusers_version")}
     out["architecture"] = index.get("_class_name", "")
     out["parameter_count"] = sum(math.prod(t.entry.shape) for t in source.tensors)

@@ -376,7 +376,10 @@ def _component_files(
 
 
 def _config_order(configs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
-    """Ollama's config order for the files it knows (FORMAT.md §4.2), then the rest by name."""
+    """Ollama's config order for the files it knows, then the rest by name.
+
+    Ollama's list and order: ``x/create/imagegen.go@6ddd8862c``.
+    """
     known = (
         "model_index.json",
         "text_encoder/config.json",

@@ -308,13 +308,23 @@ def temp_file(directory: Path) -> Iterator[tuple[BinaryIO, str]]:
     fd, tmp_name = tempfile.mkstemp(
         prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=_TEMP_SUFFIX, dir=directory
     )
+    f = open(fd, "w+b", closefd=True)  # noqa: SIM115 (closed below, errors kept apart)
     try:
-        with open(fd, "w+b", closefd=True) as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            os.fchmod(f.fileno(), 0o644)
-            yield f, tmp_name
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        os.fchmod(f.fileno(), 0o644)
+        yield f, tmp_name
+    except BaseException:
+        # Closing flushes what is still buffered; on a full disk that fails again, and the
+        # second error must not hide the first (the one that names the file).
+        with contextlib.suppress(OSError):
+            f.close()
+        raise
+    else:
+        with _naming(tmp_name):
+            f.close()
     finally:
-        # open() owns the descriptor and closed it; only the name can be left behind.
+        # The descriptor is closed (close() closes it even when its flush fails); only the
+        # name can be left behind.
         Path(tmp_name).unlink(missing_ok=True)
 
 
