@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,23 +109,30 @@ def latest_env() -> Path:
     out = subprocess.run(
         [*pip(env), "freeze", "--exclude-editable"], check=True, capture_output=True, text=True
     ).stdout
-    locked = {
-        line.split("==")[0].lower(): line.split(";")[0].strip()
-        for line in LOCK.read_text().splitlines()
-        if "==" in line and not line[0].isspace()
-    }
-    drift = [
-        f"  {locked[name]} -> {line}"
-        for line in out.splitlines()
-        if "==" in line and (name := line.split("==")[0].lower()) in locked and locked[name] != line
-    ]
+    locked: dict[str, set[str]] = {}  # name -> the versions pinned (markers may differ)
+    for line in LOCK.read_text().splitlines():
+        if "==" in line and not line[0].isspace() and not line.startswith("#"):
+            name, version = line.split(";")[0].strip().split("==")
+            locked.setdefault(normalize(name), set()).add(version)
+    drift = []
+    for line in out.splitlines():
+        if "==" in line:
+            name, version = line.split("==")
+            pinned = locked.get(normalize(name))
+            if pinned and version not in pinned:
+                drift.append(f"  {name}: {' or '.join(sorted(pinned))} locked, {version} now")
     print(
-        "newer than requirements.lock:" if drift else "same versions as requirements.lock",
+        "not the version locked:" if drift else "every version as locked",
         *drift,
         sep="\n",
         flush=True,
     )
     return env
+
+
+def normalize(name: str) -> str:
+    """A distribution name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def run(*cmd: str) -> int:
