@@ -19,6 +19,8 @@ import msgspec
 
 from ._errors import HeaderError, UnsupportedDTypeError
 from ._files import open_file
+from ._json import FAST_BYTES, JSONError, decode_text, loads_stepwise
+from ._limits import Limits
 
 __all__ = ["DTYPE_SIZES", "MAX_HEADER", "BlobHeader", "TensorEntry", "parse_header", "read_header"]
 
@@ -83,20 +85,48 @@ class _Invalid(Exception):
         self.dtype = dtype
 
 
-def parse_header(prefix_and_header: bytes | bytearray, file_size: int) -> BlobHeader:
+def parse_header(
+    prefix_and_header: bytes | bytearray, file_size: int, limits: Limits | None = None
+) -> BlobHeader:
     """Validate the first ``8 + n`` bytes of a safetensors file whose total size is known.
 
+    Args:
+        limits: the caps on header bytes, tensors and name length (`Limits` defaults).
+
     Raises:
-        HeaderError: any rule broken (UnsupportedDTypeError for an unknown dtype).
+        HeaderError: any rule broken or cap exceeded (UnsupportedDTypeError for an unknown
+            dtype).
     """
     try:
-        return _parse(prefix_and_header, file_size)
+        header = _parse(prefix_and_header, file_size, limits or _DEFAULT_LIMITS)
+        check_caps(header, limits or _DEFAULT_LIMITS)
+        return header
     except _Invalid as exc:
         cls = UnsupportedDTypeError if exc.dtype else HeaderError
         raise cls(exc.reason, tensor=exc.tensor) from None
 
 
-def _header_length(prefix: bytes | bytearray, file_size: int) -> int:
+def check_caps(header: BlobHeader, limits: Limits) -> None:
+    """Check a parsed header (maybe parsed earlier, under other caps) against `limits`.
+
+    Raises:
+        _Invalid: the tensor count or a tensor name is over its cap.
+    """
+    if len(header.entries) > limits.max_tensors:
+        raise _Invalid(
+            f"header has {len(header.entries)} tensors, over Limits.max_tensors "
+            f"({limits.max_tensors})"
+        )
+    cap = limits.max_name_bytes
+    for key in header.entries:
+        if len(key) > cap // 4 and len(key.encode()) > cap:
+            raise _Invalid(
+                f"tensor name of {len(key.encode())} bytes, over Limits.max_name_bytes ({cap})",
+                key[:64] + "…",
+            )
+
+
+def _header_length(prefix: bytes | bytearray, file_size: int, limits: Limits) -> int:
     """Check the 8-byte length prefix against MLX's bound and the file size; return it."""
     if len(prefix) < 8 or file_size < 8:
         raise _Invalid(f"file too short for a safetensors header ({file_size} bytes)")
@@ -105,13 +135,17 @@ def _header_length(prefix: bytes | bytearray, file_size: int) -> int:
         raise _Invalid("header length is 0")
     if n >= MAX_HEADER:
         raise _Invalid(f"header length {n} is not below the limit of {MAX_HEADER} bytes")
+    if n > limits.max_header_bytes:
+        raise _Invalid(
+            f"header length {n} is over Limits.max_header_bytes ({limits.max_header_bytes})"
+        )
     if 8 + n > file_size:
         raise _Invalid(f"header length {n} runs past the end of the {file_size}-byte file")
     return n
 
 
-def _parse(raw: bytes | bytearray, file_size: int) -> BlobHeader:
-    n = _header_length(raw, file_size)
+def _parse(raw: bytes | bytearray, file_size: int, limits: Limits) -> BlobHeader:
+    n = _header_length(raw, file_size, limits)
     text = bytes(raw[8 : 8 + n])
     if len(text) != n:
         raise _Invalid(f"header cut short: {len(text)} of {n} bytes")
@@ -148,6 +182,12 @@ def _parse(raw: bytes | bytearray, file_size: int) -> BlobHeader:
 
 
 def _decode_json(text: bytes) -> Any:
+    if len(text) > FAST_BYTES:
+        # Far above a real blob's header: decoded in bounded steps, keys checked as they come.
+        try:
+            return loads_stepwise(decode_text(text), unique_keys=True)
+        except JSONError as exc:
+            raise _Invalid(_header_reason(exc.reason), exc.key) from None
     # UTF-8 is checked here, before the JSON parser: the safetensors format requires it, and
     # the error must not depend on how a given msgspec release words its own message.
     try:
@@ -164,6 +204,19 @@ def _decode_json(text: bytes) -> Any:
         # msgspec keeps the last of duplicate keys; the slow parser tells for sure.
         _reject_duplicates(decoded)
     return doc
+
+
+def _header_reason(reason: str) -> str:
+    """`_json`'s reason worded as the one-call path words it, about the header."""
+    if reason.startswith("duplicate key"):
+        return f"{reason} in header"
+    if reason.startswith("not UTF-8"):
+        return "header is " + reason.replace(")", " of the JSON)")
+    if reason.startswith("JSON nested"):
+        return "header JSON is nested" + reason[len("JSON nested") :]
+    if reason.startswith("not"):
+        return f"header is {reason}"
+    return f"header has a {reason}"
 
 
 def _may_have_duplicates(decoded: str, doc: dict[str, Any]) -> bool:
@@ -229,10 +282,13 @@ def _entry(key: str, value: Any) -> TensorEntry:
     return TensorEntry(key, dtype, tuple(shape), begin, end)
 
 
+_DEFAULT_LIMITS = Limits()
 _FIRST_READ = 4096  # most headers are a few hundred bytes: one read fetches them
 
 
-def read_header(path: str | os.PathLike[str], *, expected_size: int | None) -> BlobHeader:
+def read_header(
+    path: str | os.PathLike[str], *, expected_size: int | None, limits: Limits | None = None
+) -> BlobHeader:
     """Read and validate a blob's header, checking its size against the manifest (blocking).
 
     Raises:
@@ -242,11 +298,15 @@ def read_header(path: str | os.PathLike[str], *, expected_size: int | None) -> B
         HeaderError: the header breaks a rule.
         LoadError: any other OS error, with its errno.
     """
-    return read_blob_head(path, expected_size=expected_size, whole_upto=0)[0]
+    return read_blob_head(path, expected_size=expected_size, whole_upto=0, limits=limits)[0]
 
 
 def read_blob_head(
-    path: str | os.PathLike[str], *, expected_size: int | None, whole_upto: int
+    path: str | os.PathLike[str],
+    *,
+    expected_size: int | None,
+    whole_upto: int,
+    limits: Limits | None = None,
 ) -> tuple[BlobHeader, bytes | bytearray | None]:
     """Like `read_header`; a blob of at most `whole_upto` bytes is read whole, in one call.
 
@@ -255,6 +315,7 @@ def read_blob_head(
         is the one validated: the data can be loaded later without opening the file again).
     """
     key = os.fspath(path)
+    limits = limits or _DEFAULT_LIMITS
     data: bytes | bytearray | None = None
     with open_file(key, "blob", expected_size=expected_size) as f:
         signature = f.identity
@@ -264,7 +325,7 @@ def read_blob_head(
             if cached is not None and data[: cached.data_start] == cached.raw:
                 header = cached
             else:
-                header = parse_header(data, len(data))
+                header = parse_header(data, len(data), limits)
                 _CACHE.put(key, signature, header)
         elif cached is not None:
             header = cached
@@ -272,10 +333,17 @@ def read_blob_head(
             raw = f.read(_FIRST_READ, 0)
             if len(raw) >= 8:
                 n = int.from_bytes(raw[:8], "little")
-                if 8 + n > len(raw) and 0 < n < MAX_HEADER and 8 + n <= f.size:
+                # Only a length within the caps is read: the cap is checked before the bytes.
+                fits = 0 < n < MAX_HEADER and n <= limits.max_header_bytes
+                if 8 + n > len(raw) and fits and 8 + n <= f.size:
                     raw += f.read(8 + n - len(raw), len(raw))
-            header = parse_header(raw, f.size)
+            header = parse_header(raw, f.size, limits)
             _CACHE.put(key, signature, header)
+    if header is cached and cached is not None:
+        try:
+            check_caps(header, limits)  # parsed before, perhaps under larger caps
+        except _Invalid as exc:
+            raise HeaderError(exc.reason, tensor=exc.tensor, path=key) from None
     return header, data
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import msgspec
 
 from ._errors import InvalidDigestError, ManifestError
+from ._json import FAST_BYTES, JSONError, decode_text, loads_stepwise
 
 __all__ = [
     "ADAPTER_MEDIA_TYPE",
@@ -215,6 +216,7 @@ class _Kind(msgspec.Struct):
     media_type: str = msgspec.field(default="", name="mediaType")
 
 
+_T = TypeVar("_T")
 _MANIFEST_DECODER = msgspec.json.Decoder(Manifest)
 _LIST_DECODER = msgspec.json.Decoder(ManifestList)
 _KIND_DECODER = msgspec.json.Decoder(_Kind)
@@ -223,7 +225,10 @@ _ENCODER = msgspec.json.Encoder()
 
 
 def decode_manifest(
-    data: bytes | bytearray, *, model: str | None = None, path: Path | None = None
+    data: bytes | bytearray | _Document,
+    *,
+    model: str | None = None,
+    path: Path | None = None,
 ) -> Manifest:
     """Decode and check a manifest.
 
@@ -232,10 +237,9 @@ def decode_manifest(
             path, e.g. ``$.layers[3].digest``), an unknown schema version or media type.
     """
     try:
-        # Strict UTF-8 for the whole document: msgspec does not look inside skipped fields.
-        bytes(data).decode("utf-8")
-        manifest = _MANIFEST_DECODER.decode(data)
-    except _DECODE_ERRORS as exc:
+        document = data if isinstance(data, _Document) else _Document(data)
+        manifest = document.decode(_MANIFEST_DECODER)
+    except (*_DECODE_ERRORS, JSONError) as exc:
         raise ManifestError(f"invalid manifest: {_describe(exc)}", model=model, path=path) from exc
     if manifest.schema_version != 2:
         raise ManifestError(
@@ -251,7 +255,7 @@ def decode_manifest(
 
 
 def decode_document(
-    data: bytes, *, model: str | None = None, path: Path | None = None
+    data: bytes | bytearray, *, model: str | None = None, path: Path | None = None
 ) -> Manifest | ManifestList:
     """Decode a manifest document: a runnable `Manifest` or an Ollama `ManifestList`.
 
@@ -259,14 +263,14 @@ def decode_document(
         ManifestError: as `decode_manifest`; a list nested in a list.
     """
     try:
-        bytes(data).decode("utf-8")
-        kind = _KIND_DECODER.decode(data)
-    except _DECODE_ERRORS as exc:
+        document = _Document(data)
+        kind = document.decode(_KIND_DECODER)
+    except (*_DECODE_ERRORS, JSONError) as exc:
         raise ManifestError(f"invalid manifest: {_describe(exc)}", model=model, path=path) from exc
     if kind.media_type != MANIFEST_LIST_MEDIA_TYPE:
-        return decode_manifest(data, model=model, path=path)
+        return decode_manifest(document, model=model, path=path)
     try:
-        listed = _LIST_DECODER.decode(data)
+        listed = document.decode(_LIST_DECODER)
     except _DECODE_ERRORS as exc:
         raise ManifestError(
             f"invalid manifest list: {_describe(exc)}", model=model, path=path
@@ -292,15 +296,47 @@ def decode_config(
         ManifestError: the blob is not a JSON object of the expected field types.
     """
     try:
-        bytes(data).decode("utf-8")  # checked here, not left to msgspec's wording
-        return _CONFIG_DECODER.decode(data)
-    except _DECODE_ERRORS as exc:
+        return _Document(data).decode(_CONFIG_DECODER)
+    except (*_DECODE_ERRORS, JSONError) as exc:
         raise ManifestError(
             f"invalid model config blob: {_describe(exc)}", model=model, digest=digest
         ) from exc
 
 
+class _Document:
+    """A JSON document, parsed once however many types it is decoded as.
+
+    Up to `FAST_BYTES` (a real model's size) each type is one msgspec call on the bytes;
+    above that the text is parsed once in bounded steps (`_json`), so a worker thread decoding
+    a huge one leaves the GIL to the event loop, and each type is built from that tree by
+    ``msgspec.convert``, which runs ``Layer.__post_init__`` (Python) per layer: the GIL changes
+    hands between layers there too.
+
+    Raises:
+        JSONError: not UTF-8 (checked here for both sizes: msgspec does not look inside
+            skipped fields, and its wording changes between releases), not JSON.
+    """
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+        self.tree: Any = _SMALL
+        if len(data) <= FAST_BYTES:
+            decode_text(data)
+        else:
+            self.tree = loads_stepwise(decode_text(data))
+
+    def decode(self, decoder: msgspec.json.Decoder[_T]) -> _T:
+        if self.tree is _SMALL:
+            return decoder.decode(self.data)
+        return cast("_T", msgspec.convert(self.tree, decoder.type))
+
+
+_SMALL = object()
+
+
 def _describe(exc: Exception) -> str:
+    if isinstance(exc, JSONError):
+        return exc.reason
     if isinstance(exc, RecursionError):
         return "JSON nested too deeply"
     if isinstance(exc, UnicodeDecodeError):

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
-import msgspec
 
 from ._errors import (
     AsyncWeightsError,
@@ -20,6 +19,7 @@ from ._errors import (
     UnsupportedModelError,
 )
 from ._files import read_file
+from ._json import JSONError, loads
 from ._limits import Limits
 from ._manifest import (
     ADAPTER_MEDIA_TYPE,
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["Model"]
 
 _GGUF_COMPONENTS = {MODEL_MEDIA_TYPE: "model", PROJECTOR_MEDIA_TYPE: "projector"}
-
-_JSON_DECODER = msgspec.json.Decoder()
 _RUNNERS = {"tensor": "mlx", "gguf": "ggml", "adapter": "ggml"}
 _FORMATS = {"tensor": "safetensors", "gguf": "gguf", "adapter": "gguf"}
 
@@ -241,9 +239,12 @@ class Model:
         layer = self._config_layer(name)
         data = await self._read_blob(layer, what=f"config {name!r}")
         try:
-            return _JSON_DECODER.decode(data)
-        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            # In a worker thread, in bounded steps when large: the event loop stays free.
+            return await anyio.to_thread.run_sync(loads, data)
+        except JSONError as exc:
+            reason = exc.reason
+            if reason.startswith("not valid JSON: "):
+                reason = reason[len("not valid JSON: ") :]
             raise ManifestError(
                 f"config {name!r} is not valid JSON: {reason}",
                 model=self.label,
@@ -255,7 +256,10 @@ class Model:
         """The model's config blob (Ollama's ConfigV2), decoded once."""
         if self._config is None:
             data = await self._read_blob(self.manifest.config, what="config blob")
-            self._config = decode_config(data, model=self.label, digest=self.manifest.config.digest)
+            decode = functools.partial(
+                decode_config, data, model=self.label, digest=self.manifest.config.digest
+            )
+            self._config = await anyio.to_thread.run_sync(decode)
         return self._config
 
     async def _read_blob(self, layer: Layer, *, what: str) -> bytes | bytearray:

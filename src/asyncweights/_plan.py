@@ -172,7 +172,7 @@ async def _read_headers(
                 whole = limits.direct_read_bytes if budget[0] >= sizes[digest] else 0
                 try:
                     headers[digest], data = read_blob_head(
-                        path, expected_size=sizes[digest], whole_upto=whole
+                        path, expected_size=sizes[digest], whole_upto=whole, limits=limits
                     )
                 except BlobMissingError:
                     # Ollama before 0.1.30 named blobs sha256:<hex>; read them where they are.
@@ -181,7 +181,7 @@ async def _read_headers(
                         raise
                     path = paths[digest] = old
                     headers[digest], data = read_blob_head(
-                        path, expected_size=sizes[digest], whole_upto=whole
+                        path, expected_size=sizes[digest], whole_upto=whole, limits=limits
                     )
                 if data is not None:
                     contents[digest] = data

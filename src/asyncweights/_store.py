@@ -275,7 +275,7 @@ class ModelStore:
 
         limits = limits or Limits()
         if isinstance(model, Manifest):
-            _check_layer_count(model, limits, label="<manifest>", path=None)
+            _check_manifest_caps(model, limits, label="<manifest>", path=None)
             return Model(self, model, label="<manifest>", path=None, limits=limits)
         return await anyio.to_thread.run_sync(self._open, model, runner or self.runner, limits)
 
@@ -293,7 +293,7 @@ class ModelStore:
             decoded, digest, runner = store._select(listed, runner, label, document.path, limits)
         else:
             digest, runner = document.digest, None
-        _check_layer_count(decoded, limits, label=label, path=document.path)
+        _check_manifest_caps(decoded, limits, label=label, path=document.path)
         return Model(
             store, decoded, label=label, path=document.path, digest=digest, limits=limits,
             document=document, manifest_list=listed, runner=runner,
@@ -409,9 +409,10 @@ class ModelStore:
 _FILE: Literal["file"] = "file"
 
 
-def _check_layer_count(
+def _check_manifest_caps(
     manifest: Manifest, limits: Limits, *, label: str, path: Path | None
 ) -> None:
+    """The caps on a manifest's layer count and layer names (`Limits`)."""
     count = len(manifest.layers) + 1  # the config blob is a layer too
     if count > limits.max_layers:
         raise ManifestError(
@@ -419,6 +420,16 @@ def _check_layer_count(
             model=label,
             path=path,
         )
+    cap = limits.max_name_bytes
+    for index, layer in enumerate(manifest.layers):
+        name = layer.name
+        if name is not None and len(name) > cap // 4 and len(name.encode()) > cap:
+            raise ManifestError(
+                f"layer {index} has a name of {len(name.encode())} bytes, over "
+                f"Limits.max_name_bytes ({cap})",
+                model=label,
+                path=path,
+            )
 
 
 #: Which manifest-list child to open when no runner is asked for: MLX's own (safetensors)

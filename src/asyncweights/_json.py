@@ -1,0 +1,232 @@
+"""JSON of untrusted size, decoded in steps short enough to leave the event loop free.
+
+Manifests, config blobs and safetensors headers are decoded in worker threads, but a worker
+thread still holds the GIL for as long as one C call runs: one ``msgspec`` call on a 94 MB
+header held it for 2.4 s, and the event loop with it. So:
+
+* Documents up to `FAST_BYTES` are decoded by one ``msgspec`` call (about 1 ms for a real
+  64 KiB header; the worst shape measured, nested empty arrays, about 3 ms).
+* Larger ones are decoded by `loads_stepwise`, a parser whose loop is Python and whose C
+  calls (one token each: ``json.decoder.scanstring`` for a string, a regex for a number or
+  whitespace) each cover a bounded span of text. The interpreter hands the GIL to the event
+  loop between any two of them (every ``sys.getswitchinterval()``, 5 ms by default). It is
+  slower (about 1 s for a 64 MiB header), which only inputs far above any real model pay.
+
+Both accept exactly JSON (RFC 8259): no ``NaN``, no trailing commas, strict UTF-8, no
+control characters inside strings.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Callable
+from json import decoder as _stdlib
+from typing import Any
+
+import msgspec
+
+__all__ = ["FAST_BYTES", "JSONError", "decode_text", "loads", "loads_stepwise"]
+
+#: documents up to this many bytes are decoded in one msgspec call
+FAST_BYTES = 64 * 1024
+#: the longest string or run of whitespace the stepwise parser accepts as one token
+MAX_TOKEN = 1 << 20
+#: how deeply arrays and objects may nest (real manifests, configs and headers: 3-6)
+MAX_DEPTH = 256
+_STEP = 1 << 20  # UTF-8 is checked in steps of this many bytes
+_NUMBER_CHARS = 400  # a number longer than this is not one a model file needs
+_WS = re.compile(r"[ \t\n\r]*")
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_DECODER = msgspec.json.Decoder()
+# The C string scanner of the standard library (json's own; untyped in typeshed).
+_scanstring: Callable[[str, int, bool], tuple[str, int]] = _stdlib.scanstring  # type: ignore[attr-defined]
+
+
+class JSONError(ValueError):
+    """Not valid JSON, or beyond a bound of this module; `reason` says which and where."""
+
+    def __init__(self, reason: str, key: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: the duplicated key, for a duplicate key
+        self.key = key
+
+
+def loads(data: bytes | bytearray | memoryview, *, unique_keys: bool = False) -> Any:
+    """Decode a JSON document: in one msgspec call when small, else in bounded steps.
+
+    Args:
+        data: UTF-8 JSON.
+        unique_keys: reject an object with a key twice (only checked by the stepwise path;
+            callers that need it on small documents check those themselves).
+
+    Raises:
+        JSONError: invalid UTF-8 (with the byte offset), invalid JSON, or a bound exceeded.
+    """
+    if len(data) <= FAST_BYTES:
+        decode_text(data)  # the UTF-8 check, worded by us (decoders word it differently)
+        try:
+            return _DECODER.decode(data)
+        except msgspec.DecodeError as exc:
+            raise JSONError(f"not valid JSON: {exc}") from None
+        except RecursionError:
+            raise JSONError("JSON nested too deeply") from None
+    return loads_stepwise(decode_text(data), unique_keys=unique_keys)
+
+
+def decode_text(data: bytes | bytearray | memoryview) -> str:
+    """Strict UTF-8 to text, in steps of 1 MiB.
+
+    Raises:
+        JSONError: ``not UTF-8 (byte N)``.
+    """
+    if len(data) <= _STEP:
+        try:
+            return bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JSONError(f"not UTF-8 (byte {exc.start})") from None
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    view = memoryview(data).cast("B")
+    parts = []
+    try:
+        for start in range(0, len(view), _STEP):
+            chunk = view[start : start + _STEP]
+            try:
+                parts.append(decoder.decode(chunk, final=start + _STEP >= len(view)))
+            except UnicodeDecodeError as exc:
+                # The decoder may hold up to 3 bytes of the previous chunk.
+                held = len(decoder.getstate()[0]) if exc.start == 0 else 0
+                raise JSONError(f"not UTF-8 (byte {start + exc.start - held})") from None
+    finally:
+        view.release()
+    return "".join(parts)
+
+
+def loads_stepwise(text: str, *, unique_keys: bool = False) -> Any:
+    """Parse JSON text with a Python loop over bounded C calls (see the module docstring).
+
+    Raises:
+        JSONError: invalid JSON, nesting deeper than `MAX_DEPTH`, a string or run of
+            whitespace longer than `MAX_TOKEN` characters, a number over 400 characters.
+    """
+    n = len(text)
+    # Each open container: [container, key awaiting its value (objects only)].
+    stack: list[list[Any]] = []
+    pos = _skip_ws(text, 0)
+    while True:
+        # -- one value at `pos`
+        if pos >= n:
+            raise JSONError(f"not valid JSON: input ended where a value was expected (at {pos})")
+        c = text[pos]
+        value: Any
+        if c == "{" or c == "[":
+            if len(stack) >= MAX_DEPTH:
+                raise JSONError(f"JSON nested too deeply (over {MAX_DEPTH} levels)")
+            pos = _skip_ws(text, pos + 1)
+            close = "}" if c == "{" else "]"
+            if pos < n and text[pos] == close:
+                value = {} if c == "{" else []
+                pos += 1
+            elif c == "{":
+                key, pos = _key(text, pos)
+                stack.append([{}, key])
+                continue
+            else:
+                stack.append([[], None])
+                continue
+        elif c == '"':
+            value, pos = _string(text, pos)
+        elif c == "-" or "0" <= c <= "9":
+            value, pos = _number(text, pos)
+        elif text.startswith("true", pos):
+            value, pos = True, pos + 4
+        elif text.startswith("false", pos):
+            value, pos = False, pos + 5
+        elif text.startswith("null", pos):
+            value, pos = None, pos + 4
+        else:
+            raise JSONError(f"not valid JSON: unexpected character {c!r} at {pos}")
+        # -- attach it to the containers it completes
+        while True:
+            pos = _skip_ws(text, pos)
+            if not stack:
+                if pos != n:
+                    raise JSONError(f"not valid JSON: trailing characters at {pos}")
+                return value
+            top = stack[-1]
+            container = top[0]
+            if isinstance(container, dict):
+                key = top[1]
+                if unique_keys and key in container:
+                    raise JSONError(f"duplicate key {key!r}", key)
+                container[key] = value
+                close = "}"
+            else:
+                container.append(value)
+                close = "]"
+            if pos < n and text[pos] == ",":
+                pos = _skip_ws(text, pos + 1)
+                if close == "}":
+                    top[1], pos = _key(text, pos)
+                break  # the next value of this container
+            if pos < n and text[pos] == close:
+                stack.pop()
+                value = container
+                pos += 1
+                continue
+            raise JSONError(f"not valid JSON: expected ',' or {close!r} at {pos}")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while True:
+        match = _WS.match(text, pos, pos + MAX_TOKEN)
+        assert match is not None  # `*` matches the empty string
+        end = match.end()
+        if end < pos + MAX_TOKEN:
+            return end
+        pos = end  # a long run: go on in bounded steps
+
+
+def _key(text: str, pos: int) -> tuple[str, int]:
+    if pos >= len(text) or text[pos] != '"':
+        raise JSONError(f"not valid JSON: expected a string key at {pos}")
+    key, pos = _string(text, pos)
+    pos = _skip_ws(text, pos)
+    if pos >= len(text) or text[pos] != ":":
+        raise JSONError(f"not valid JSON: expected ':' at {pos}")
+    return key, _skip_ws(text, pos + 1)
+
+
+def _string(text: str, pos: int) -> tuple[str, int]:
+    """The string starting at ``text[pos] == '"'``, at most `MAX_TOKEN` characters long."""
+    limit = pos + 1 + MAX_TOKEN + 1  # the closing quote must lie before this
+    i = pos + 1
+    while True:
+        q = text.find('"', i, limit)
+        if q < 0:
+            if limit > len(text):
+                raise JSONError(f"not valid JSON: unterminated string at {pos}")
+            raise JSONError(f"string at {pos} longer than {MAX_TOKEN} characters")
+        slashes = 0
+        while text[q - 1 - slashes] == "\\":
+            slashes += 1
+        if slashes % 2 == 0:
+            break
+        i = q + 1
+    try:
+        return _scanstring(text, pos + 1, True)  # bounded: the quote at q ends it
+    except ValueError as exc:  # json.JSONDecodeError
+        raise JSONError(f"not valid JSON: {exc}") from None
+
+
+def _number(text: str, pos: int) -> tuple[int | float, int]:
+    m = _NUMBER.match(text, pos, pos + _NUMBER_CHARS + 1)
+    if m is None:
+        raise JSONError(f"not valid JSON: bad number at {pos}")
+    end = m.end()
+    if end > pos + _NUMBER_CHARS:
+        raise JSONError(f"number at {pos} longer than {_NUMBER_CHARS} characters")
+    if m.group(1) or m.group(2):
+        return float(m.group()), end
+    return int(m.group()), end
