@@ -633,3 +633,57 @@ async def test_cancel_mid_blob_frees_everything(sparse_store: Path) -> None:
     wait_quiet(sparse_store)
     mx.clear_cache()
     assert mx.get_active_memory() <= before
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_show_ls_load(llava: Path, tmp_path: Path) -> None:
+    from .test_cli import cli, ok_json
+
+    facts = ok_json(cli("show", "--store", str(llava), "llava", "--json", tmp=tmp_path))
+    assert facts["kind"] == "gguf"
+    assert facts["gguf"] == {
+        "model": {
+            "architecture": "llama",
+            "parameters": 256 * 2 + 4,
+            "file_type": "Q4_0",
+            "version": 3,
+            "tensors": 2,
+            "tensor_types": {"F32": 1, "Q4_K": 1},
+        },
+        "projector": {
+            "architecture": "clip",
+            "parameters": 12,
+            "file_type": "Q4_0",
+            "version": 3,
+            "tensors": 1,
+            "tensor_types": {"F16": 1},
+        },
+    }
+    text = cli("show", "--store", str(llava), "llava", tmp=tmp_path).stdout.splitlines()
+    assert (
+        "gguf          model: architecture llama, 516 parameters, file type Q4_0, GGUF v3, "
+        "2 tensors"
+    ) in text
+    assert ["model", "Q4_K", "1", "288", "B"] in [line.split() for line in text]
+    rows = ok_json(cli("ls", "--store", str(llava), "--json", tmp=tmp_path))["models"]
+    assert [(r["name"], r["kind"]) for r in rows] == [("llava:latest", "gguf")]
+    loaded = ok_json(
+        cli("load", "--store", str(llava), "llava", "-c", "model", "--verify", "--json",
+            tmp=tmp_path)
+    )  # fmt: skip
+    assert loaded["tensors"] == 4
+
+
+def test_cli_show_lists_types_it_cannot_load(tmp_path: Path, store_root: Path) -> None:
+    from .test_cli import cli, ok_json
+
+    block, size = gguf.GGML_QUANT_SIZES[Q.IQ2_XXS]
+    path = write_gguf(
+        tmp_path / "m.gguf",
+        {"blk.0.ffn_up.weight": ("IQ2_XXS", np.zeros((2, 256 // block * size), np.uint8))},
+    )
+    StoreBuilder(store_root).add_gguf_model(MODEL, weights=path)
+    facts = ok_json(cli("show", "--store", str(store_root), MODEL, "--json", tmp=tmp_path))
+    assert facts["gguf"]["model"]["tensor_types"] == {"IQ2_XXS": 1}

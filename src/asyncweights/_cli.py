@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import math
 import os
@@ -38,6 +39,7 @@ import msgspec
 
 from ._errors import AsyncWeightsError, BlobMissingError, first_error
 from ._files import open_file
+from ._gguf import read_gguf_header
 from ._limits import Limits
 from ._load import load_weights
 from ._model import Model
@@ -399,7 +401,50 @@ async def cmd_show(args: argparse.Namespace, out: Output) -> Result:
         lines += await _show_tensor(model, facts)
     else:
         lines += _show_layers(model, facts)
+    if model.kind == "gguf":
+        lines += await _show_gguf(model, facts)
     return Result(facts, lines)
+
+
+async def _show_gguf(model: Model, facts: dict[str, Any]) -> list[str]:
+    """A GGUF model's facts from its headers (read off the event loop; no tensor data, so
+    types asyncweights cannot load are listed too): architecture, parameters, file type, and
+    tensors per GGML type. Added to `facts` under ``"gguf"``."""
+    gguf: dict[str, Any] = {}
+    facts["gguf"] = gguf
+    lines = [""]
+    table = [["COMPONENT", "GGML TYPE", "TENSORS", "BYTES"]]
+    for component, layer in model.gguf_components:
+        path = model.store.blob_path(layer.digest)
+        try:
+            f = await anyio.to_thread.run_sync(
+                functools.partial(read_gguf_header, path, expected_size=layer.size)
+            )
+        except AsyncWeightsError as exc:
+            exc.add_context(model=model.label, digest=layer.digest)
+            gguf[component] = {"error": str(exc)}
+            lines.append(f"gguf          {component}: unreadable: {exc}")
+            continue
+        histogram = f.type_histogram()
+        sizes: dict[str, int] = {}
+        for t in f.tensors.values():
+            sizes[t.ggml_type] = sizes.get(t.ggml_type, 0) + t.nbytes
+        gguf[component] = {
+            "architecture": f.architecture,
+            "parameters": f.parameter_count,
+            "file_type": f.file_type,
+            "version": f.version,
+            "tensors": len(f.tensors),
+            "tensor_types": histogram,
+        }
+        lines.append(
+            f"gguf          {component}: architecture {f.architecture or '-'}, "
+            f"{f.parameter_count:,} parameters, file type {f.file_type or '-'}, "
+            f"GGUF v{f.version}, {len(f.tensors)} tensors"
+        )
+        for ggml_type, count in histogram.items():
+            table.append([component, ggml_type, str(count), format_bytes(sizes[ggml_type])])
+    return [*lines, "", *_table(table)] if len(table) > 1 else lines
 
 
 def _show_layers(model: Model, facts: dict[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 from ._errors import BlobError, HeaderError, LoadError
 
 __all__ = [
+    "FILE_TYPES",
     "GGML_TYPES",
     "GGUFArray",
     "GGUFFile",
@@ -94,6 +95,17 @@ GGML_TYPES: dict[int, GGMLType] = {
     40: GGMLType("NVFP4", 64, 36),
     41: GGMLType("Q1_0", 128, 18),
 }
+
+#: ``general.file_type`` values (llama.cpp's ``llama_ftype``, gguf-py's LlamaFileType): what
+#: most tensors of the file are; 1-D tensors stay F32.
+FILE_TYPES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
+    38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0",
+}  # fmt: skip
 
 # GGUF metadata value types: id -> (name, struct format or "" for string/array, item size)
 _STRING, _ARRAY = 8, 9
@@ -240,6 +252,14 @@ class GGUFFile:
         """``general.architecture`` (``"llama"``, ``"qwen2"`` …), if a string."""
         value = self.metadata.get("general.architecture")
         return value if isinstance(value, str) else None
+
+    @property
+    def file_type(self) -> str | None:
+        """``general.file_type`` by name (``"Q4_K_M"``), its number if unknown, else None."""
+        value = self.metadata.get("general.file_type")
+        if type(value) is not int:
+            return None
+        return FILE_TYPES.get(value, str(value))
 
     @property
     def parameter_count(self) -> int:
