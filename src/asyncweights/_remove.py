@@ -153,7 +153,9 @@ def _references(root: Path, path: Path) -> tuple[list[str], bool]:
         document = decode_document(data)
     except (AsyncWeightsError, OSError):
         return digests, os.path.islink(path) and not os.path.exists(path)
-    digests.append("sha256:" + hashlib.sha256(data).hexdigest())
+    own = "sha256:" + hashlib.sha256(data).hexdigest()
+    if os.path.lexists(blob_path(root, own)):  # a manifest document kept as a blob (0.40)
+        digests.append(own)
     readable = True
     if isinstance(document, ManifestList):
         for child in document.manifests:
