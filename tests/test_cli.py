@@ -370,3 +370,31 @@ def test_ctrl_c_exits_130_without_output(tmp_path: Path) -> None:
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_import_command_variant_and_refused_formats(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "unet").mkdir(parents=True)
+    plain = {"conv_in.weight": np.ones((4, 4), np.float32)}
+    save_file(plain, str(src / "unet" / "diffusion_pytorch_model.safetensors"))
+    half = {"conv_in.weight": np.ones((4, 4), np.float16)}
+    save_file(half, str(src / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    index = {"_class_name": "P", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (src / "model_index.json").write_text(json.dumps(index))
+    store = str(tmp_path / "store")
+    data = ok_json(
+        cli("import", str(src), "p", "--store", store, "--variant", "fp16", "--json", tmp=tmp_path)
+    )
+    assert data["components"] == ["unet"]
+    shown = ok_json(cli("show", "p", "--store", store, "--json", tmp=tmp_path))
+    assert sorted(shown["dtypes"]) == ["F16"]  # the fp16 variant, not the plain F32 file
+    (src / "model_index.json").unlink()
+    (src / "unet" / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "fp8"}})
+    )
+    refused = cli("import", str(src / "unet"), "q", "--store", store, tmp=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(
+        "error: pre-quantized FP8 (block-scaled, weight_scale_inv) checkpoint (config.json "
+        "quantization_config) is not imported"
+    )

@@ -491,3 +491,18 @@ async def test_other_pre_quantized_formats_are_refused_by_name(tmp_path: Path, c
         await aw.import_model(src, "q", store=tmp_path / "s")
     assert message in str(info.value)
     assert not (tmp_path / "s").exists()
+
+
+async def test_single_diffusers_model_folder_loads_like_diffusers(tmp_path: Path) -> None:
+    src = tmp_path / "transformer"  # one component downloaded on its own
+    src.mkdir()
+    _shard(src, "diffusion_pytorch_model", plain := _tensors(2, ["a.weight", "b.weight"]), 2)
+    half = {k: v.astype(np.float16) for k, v in plain.items()}
+    save_file(half, str(src / "diffusion_pytorch_model.fp16.safetensors"))
+    (src / "config.json").write_text("{}")
+    model = await aw.import_model(src, "t", store=tmp_path / "s")
+    await _check_exact(model, plain)
+    assert model.components == []
+    assert model.config_names == ["config.json"]
+    model = await aw.import_model(src, "t16", store=tmp_path / "s", variant="fp16")
+    await _check_exact(model, half)

@@ -13,8 +13,9 @@ safetensors headers and JSON files (blocking; callers run it in a worker thread)
   A component whose weights cannot be imported (pickle ``.bin`` only, ONNX, a missing shard)
   fails the import and is named.
 * **Hugging Face model**: ``model.safetensors.index.json`` (its ``weight_map`` names the
-  shards), else ``model.safetensors``, else every ``*.safetensors`` in the folder (what
-  Ollama's importer globs).
+  shards), else ``model.safetensors`` (the same two with ``diffusion_pytorch_model`` for a
+  lone diffusers model), else every ``*.safetensors`` in the folder (what Ollama's importer
+  globs). The config is checked for a pre-quantized format before any weight file is read.
 * **mlx-lm quantized model**: either of the above with a ``config.json`` ``quantization``
   block (``group_size``, ``bits``, optional ``mode``, per-module overrides keyed by module
   path; mlx-lm ``utils.py`` ``load_model``: a module is quantized when ``<module>.scales``
@@ -217,32 +218,42 @@ def scan_source(root: Path, *, variant: str | None = None) -> Source:
 
 
 def _scan_model(root: Path, variant: str | None) -> Source:
-    files, layout = _model_files(root, variant)
-    tensors = _read_tensors([(None, p) for p in files])
     config_path = root / "config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
+    mlx = "quantization" in config
+    if not mlx:
+        _refuse_by_config(root, config, config_path)  # before any weight file is read
+    files, layout = _model_files(root, variant)
+    tensors = _read_tensors([(None, p) for p in files])
     items: list[SourceItem] = list(tensors.values())
     quantization = None
-    if "quantization" in config:
+    if mlx:
         items, quantization = _pack_mlx(tensors, config["quantization"], config_path)
         layout = "mlx-lm"
     else:
-        _refuse_quantized(root, config, config_path, tensors)
-    index_names = {_HF_INDEX, _variant(_HF_INDEX, variant)}
+        _refuse_by_tensors(tensors)
+    index_names = {p.name for p in files} | {
+        _variant(f"{family}.safetensors.index.json", variant)
+        for family in ("model", "diffusion_pytorch_model")
+    }
     configs = [(p.name, p) for p in sorted(root.glob("*.json")) if p.name not in index_names]
     return Source(root, layout, False, items, configs, quantization, files)
 
 
 def _model_files(root: Path, variant: str | None) -> tuple[list[Path], SourceLayout]:
-    """The weight files a transformers ``from_pretrained`` (or mlx-lm) reads from `root`."""
-    index = root / _variant(_HF_INDEX, variant)
-    if index.is_file():
-        return _index_shards(index), "hf-sharded"
-    single = root / _variant("model.safetensors", variant)
-    if single.is_file():
-        return [single], "hf"
+    """The weight files ``from_pretrained`` (transformers, or diffusers for a single
+    ``diffusion_pytorch_model`` folder) or mlx-lm reads from `root`."""
+    for family in ("model", "diffusion_pytorch_model"):
+        index = root / _variant(f"{family}.safetensors.index.json", variant)
+        if index.is_file():
+            return _index_shards(index), "hf-sharded"
+        single = root / _variant(f"{family}.safetensors", variant)
+        if single.is_file():
+            return [single], "hf"
     if variant is not None:
-        raise SourceError(f"no {single.name} or {index.name} for variant {variant!r}", path=root)
+        raise SourceError(
+            f"no model.{variant}.safetensors or its index for variant {variant!r}", path=root
+        )
     files = sorted(p for p in root.glob("*.safetensors") if not p.name.startswith("."))
     if not files:
         _no_safetensors(root, "no *.safetensors files found")
@@ -327,18 +338,18 @@ def _scan_pipeline(root: Path, variant: str | None) -> Source:
         ]
     if not files:
         raise SourceError("no component of the pipeline holds safetensors weights", path=root)
-    tensors = _read_tensors(files)
     for comp in components:
         config_path = root / comp / "config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
-        part = {n: t for n, t in tensors.items() if t.component == comp}
         if "quantization" in config:
             raise SourceError(
                 f"component {comp!r} is MLX-quantized (config.json 'quantization'); "
                 "pre-quantized pipeline components are not imported",
                 path=config_path,
             )
-        _refuse_quantized(root / comp, config, config_path, part)
+        _refuse_by_config(root / comp, config, config_path)
+    tensors = _read_tensors(files)
+    _refuse_by_tensors(tensors)
     return Source(
         root, "diffusers", True, list(tensors.values()), _config_order(configs),
         None, [p for _, p in files], components,
@@ -535,10 +546,8 @@ def _check_packed(
         raise SourceError(problem, tensor=weight.name, path=weight.path)
 
 
-def _refuse_quantized(
-    folder: Path, config: dict[str, Any], config_path: Path, tensors: dict[str, SourceTensor]
-) -> None:
-    """Raise SourceError naming the format of a pre-quantized checkpoint we cannot store."""
+def _refuse_by_config(folder: Path, config: dict[str, Any], config_path: Path) -> None:
+    """Raise SourceError naming the format of a checkpoint its config calls pre-quantized."""
     qc = config.get("quantization_config")
     if isinstance(qc, dict):
         raise SourceError(
@@ -554,6 +563,10 @@ def _refuse_quantized(
             f"pre-quantized NVIDIA ModelOpt {algo or 'unknown'} checkpoint is not imported",
             path=modelopt,
         )
+
+
+def _refuse_by_tensors(tensors: dict[str, SourceTensor]) -> None:
+    """Raise SourceError naming the format of tensors only pre-quantized checkpoints hold."""
     for name, t in tensors.items():
         fmt = _format_of_tensor(name, t, tensors)
         if fmt is not None:
