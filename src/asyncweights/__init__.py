@@ -37,12 +37,12 @@ from ._manifest import Manifest as Manifest
 from ._manifest import ManifestList as ManifestList
 from ._manifest import ManifestRef as ManifestRef
 from ._manifest import ModelConfig as ModelConfig
-from ._model import Model as Model
+from ._names import ModelName as ModelName
 from ._progress import Progress as Progress
 from ._quant import Quantization as Quantization
 from ._remove import Removal as Removal
 from ._remove import remove_model as remove_model
-from ._store import ModelName as ModelName
+from ._store import Model as Model
 from ._store import ModelStore as ModelStore
 from ._weights import Tensor as Tensor
 from ._weights import TensorInfo as TensorInfo

@@ -34,10 +34,10 @@ from ._errors import (
 from ._limits import Limits
 from ._load import ModelRef, StoreRef, load_weights
 from ._manifest import Manifest
-from ._model import Model
+from ._names import ModelName
 from ._plan import Plan, make_plan
 from ._progress import Progress, ProgressCallback
-from ._store import ModelName, ModelStore
+from ._store import Model, ModelStore
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -42,10 +42,9 @@ from ._files import open_file
 from ._gguf import read_gguf_header
 from ._limits import Limits
 from ._load import load_weights
-from ._model import Model
 from ._plan import Plan, make_plan
 from ._progress import Progress
-from ._store import ModelStore, child_runner_of
+from ._store import Model, ModelStore, child_runner_of
 
 __all__ = ["main", "run"]
 

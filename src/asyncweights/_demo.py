@@ -29,8 +29,9 @@ import mlx.core as mx
 
 from ._errors import AsyncWeightsError
 from ._import import write_quantized
+from ._names import ModelName
 from ._quantize import quant_params, should_quantize
-from ._store import ModelName, ModelStore
+from ._store import ModelStore
 from ._writer import (
     CONFIG_MEDIA_TYPE,
     JSON_MEDIA_TYPE,

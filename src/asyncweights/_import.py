@@ -39,12 +39,12 @@ from ._errors import (
 )
 from ._files import read_file
 from ._limits import Limits
-from ._model import Model
+from ._names import ModelName
 from ._progress import Progress, ProgressCallback, ProgressReporter
 from ._quant import Quantization
 from ._quantize import QuantParams, quant_params, quantize_array, should_quantize
 from ._source import PackedSource, Source, SourceTensor, scan_source
-from ._store import ModelName, ModelStore
+from ._store import Model, ModelStore
 from ._writer import (
     CONFIG_MEDIA_TYPE,
     JSON_MEDIA_TYPE,

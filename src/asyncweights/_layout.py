@@ -30,6 +30,7 @@ from typing import Literal
 from ._errors import ManifestError, ModelNotFoundError
 from ._files import read_file
 from ._manifest import MANIFEST_MEDIA_TYPE, decode_document
+from ._names import DEFAULT_HOST
 
 __all__ = [
     "PUBLIC_HOSTS",
@@ -49,8 +50,6 @@ __all__ = [
 PUBLIC_HOSTS = ("registry.ollama.ai", "ollama.com")
 #: How Ollama 0.40 spells the public host under ``manifests-v2/``.
 V2_HOST = "ollama.com"
-#: How the legacy tree (and Ollama's listing) spells the public host.
-DEFAULT_HOST = "registry.ollama.ai"
 LEGACY_TREE = "manifests"
 V2_TREE = "manifests-v2"
 

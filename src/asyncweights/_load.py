@@ -29,11 +29,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._errors import AsyncWeightsError, BudgetError, LoadError, single_error
 from ._limits import Limits
 from ._manifest import Manifest
-from ._model import Model
+from ._names import ModelName
 from ._plan import BlobPlan, Plan, PlannedTensor, make_plan
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
 from ._read import read_direct, read_gguf, read_lazy, verify_file
-from ._store import ModelName, ModelStore
+from ._store import Model, ModelStore
 from ._weights import Tensor, TensorInfo, Weights
 
 __all__ = ["load_weights", "stream_weights"]

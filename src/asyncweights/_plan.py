@@ -33,9 +33,9 @@ from ._gguf import GGUFFile, GGUFTensorInfo, read_gguf_header
 from ._header import BlobHeader, TensorEntry, read_blob_head
 from ._limits import Limits
 from ._manifest import Layer
-from ._model import Model
+from ._names import blob_file_name
 from ._quant import Packed, Quantization, canonical_type, label_bits, resolve
-from ._store import blob_file_name
+from ._store import Model
 
 __all__ = ["BlobPlan", "Plan", "PlannedTensor", "make_plan"]
 

@@ -25,7 +25,8 @@ from ._errors import AsyncWeightsError, ManifestError, ModelNotFoundError
 from ._files import read_file
 from ._layout import Tree, blob_path, find_entries, list_entries
 from ._manifest import Manifest, ManifestList, decode_document, decode_manifest
-from ._store import ModelName, ModelStore
+from ._names import ModelName
+from ._store import ModelStore
 
 __all__ = ["Removal", "remove_model", "remove_model_blocking"]
 

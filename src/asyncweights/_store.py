@@ -1,133 +1,69 @@
-"""The models root, Ollama's model-name grammar, and manifest and blob paths.
+"""The store on disk: `ModelStore` (the models root, its manifests and blobs) and the `Model`
+opened from it (its manifest, components, configs and sizes).
 
-FORMAT.md §1 is the reference. Names are parsed with Ollama's official rules
-(`types/model/name.go`), so a name that Ollama rejects is rejected here, and no name or
-digest can build a path outside the store.
+Names, digests and blob file names come from `_names`, the Structs from `_manifest`, the
+layouts of the manifest trees from `_layout`; this module finds and reads them. Reading
+goes through `_files`; nothing here writes the store.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
 
 from ._errors import (
     AsyncWeightsError,
-    InvalidDigestError,
+    BlobError,
+    ComponentNotFoundError,
+    ConfigNotFoundError,
     InvalidNameError,
     ManifestError,
     ModelNotFoundError,
     UnsupportedModelError,
 )
 from ._files import read_file
+from ._json import JSONError, loads
+from ._layout import (
+    Document,
+    InvalidEntryError,
+    blob_path,
+    list_entries,
+    read_document,
+    resolve,
+    store_root_of,
+)
 from ._limits import Limits
+from ._manifest import (
+    ADAPTER_MEDIA_TYPE,
+    MANIFEST_MEDIA_TYPE,
+    MODEL_MEDIA_TYPE,
+    PROJECTOR_MEDIA_TYPE,
+    Layer,
+    Manifest,
+    ManifestList,
+    ManifestRef,
+    ModelConfig,
+    ModelKind,
+    classify,
+    decode_config,
+    decode_document,
+    decode_manifest,
+    encode_manifest,
+)
+from ._names import ModelName, blob_file_name, name_from_parts
 
-if TYPE_CHECKING:
-    from ._layout import Document
-    from ._manifest import Manifest, ManifestList, ManifestRef
-    from ._model import Model
+__all__ = ["Model", "ModelStore", "default_root"]
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_NAMESPACE", "DEFAULT_TAG", "ModelName", "ModelStore"]
-
-DEFAULT_HOST = "registry.ollama.ai"
-DEFAULT_NAMESPACE = "library"
-DEFAULT_TAG = "latest"
-_MISSING = "!MISSING!"
-
-_DIGEST = re.compile(r"sha256:[0-9a-fA-F]{64}")
-# First character, then the later ones, per part (FORMAT.md §1.4); ASCII only.
-_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
-_LATER = _FIRST | frozenset("-_")
-_LIMITS = {"host": 350, "namespace": 80, "model": 80, "tag": 80}
-
-
-@dataclass(frozen=True, slots=True)
-class ModelName:
-    """A parsed, validated model name: host, namespace, model and tag.
-
-    Case is kept as given; matching against the names on disk ignores case.
-    """
-
-    host: str = DEFAULT_HOST
-    namespace: str = DEFAULT_NAMESPACE
-    model: str = ""
-    tag: str = DEFAULT_TAG
-    scheme: str = "https"
-
-    @classmethod
-    def parse(cls, name: str) -> ModelName:
-        """Parse `name` with Ollama's rules and validate every part.
-
-        Raises:
-            InvalidNameError: a part is empty, too long or has a character Ollama forbids.
-        """
-        if not isinstance(name, str):
-            raise InvalidNameError(f"a model name must be a string, not {type(name).__name__}")
-        rest = name
-        tag = DEFAULT_TAG
-        colon, slash = rest.rfind(":"), rest.rfind("/")
-        if colon > slash:
-            rest, tag = rest[:colon], rest[colon + 1 :] or _MISSING
-        host, namespace = DEFAULT_HOST, DEFAULT_NAMESPACE
-        scheme = "https"
-        rest, sep, model = rest.rpartition("/")
-        if sep:
-            model = model or _MISSING
-            rest, sep, namespace = rest.rpartition("/")
-            if sep:
-                namespace = namespace or _MISSING
-                host = rest or _MISSING
-                if "://" in host:
-                    scheme, _, host = host.partition("://")
-                    host = host or _MISSING
-            else:
-                namespace = namespace or _MISSING
-        else:
-            model = model or _MISSING
-        parsed = cls(host=host, namespace=namespace, model=model, tag=tag, scheme=scheme)
-        parsed._validate(name)
-        return parsed
-
-    def _validate(self, original: str) -> None:
-        for part in ("host", "namespace", "model", "tag"):
-            value: str = getattr(self, part)
-            if value == _MISSING:
-                raise InvalidNameError(f"invalid model name: empty {part}", model=original)
-            if not 1 <= len(value) <= _LIMITS[part]:
-                raise InvalidNameError(
-                    f"invalid model name: {part} longer than {_LIMITS[part]} characters",
-                    model=original,
-                )
-            allowed = _LATER
-            if part != "namespace":
-                allowed = allowed | {"."}
-            if part == "host":
-                allowed = allowed | {":"}
-            if value[0] not in _FIRST or any(c not in allowed for c in value):
-                raise InvalidNameError(
-                    f"invalid model name: bad character in {part} {value!r}", model=original
-                )
-
-    @property
-    def parts(self) -> tuple[str, str, str, str]:
-        """The four path parts below ``manifests/``."""
-        return (self.host, self.namespace, self.model, self.tag)
-
-    def __str__(self) -> str:
-        """The shortest form Ollama displays: defaults left out."""
-        short = f"{self.model}:{self.tag}"
-        if self.host != DEFAULT_HOST:
-            return f"{self.host}/{self.namespace}/{short}"
-        if self.namespace != DEFAULT_NAMESPACE:
-            return f"{self.namespace}/{short}"
-        return short
+_GGUF_COMPONENTS = {MODEL_MEDIA_TYPE: "model", PROJECTOR_MEDIA_TYPE: "projector"}
+_RUNNERS = {"tensor": "mlx", "gguf": "ggml", "adapter": "ggml"}
+_FORMATS = {"tensor": "safetensors", "gguf": "gguf", "adapter": "gguf"}
 
 
 def default_root() -> Path:
@@ -136,19 +72,6 @@ def default_root() -> Path:
     if value:
         return Path(value)
     return Path.home() / ".ollama" / "models"
-
-
-def blob_file_name(digest: str) -> str:
-    """Map a ``sha256:<hex>`` digest to its file name, ``sha256-<lowercase hex>``.
-
-    Raises:
-        InvalidDigestError: (a ValueError) the digest is not ``sha256:`` and 64 hex digits.
-    """
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise InvalidDigestError(
-            f"invalid digest {digest!r}: expected 'sha256:' and 64 hex digits", digest=None
-        )
-    return "sha256-" + digest[7:].lower()
 
 
 class ModelStore:
@@ -177,7 +100,6 @@ class ModelStore:
     def blob_path(self, digest: str) -> Path:
         """The path of the blob with this digest (which must be valid): ``sha256-<hex>``, or
         the ``sha256:<hex>`` spelling of Ollama before 0.1.30 when only that one exists."""
-        from ._layout import blob_path
 
         blob_file_name(digest)  # validates
         return blob_path(self.root, digest)
@@ -201,7 +123,6 @@ class ModelStore:
         return self._resolve_document(name).path
 
     def _resolve_document(self, name: str | ModelName, limits: Limits | None = None) -> Document:
-        from ._layout import resolve
 
         parsed = name if isinstance(name, ModelName) else ModelName.parse(name)
         cap = (limits or Limits()).max_manifest_bytes
@@ -229,13 +150,11 @@ class ModelStore:
         Names from ``manifests-v2`` and ``manifests`` are merged as Ollama lists them: the
         public host shows as ``registry.ollama.ai`` whichever spelling is on disk.
         """
-        from ._layout import list_entries
 
         names = []
         for entry in list_entries(self.root):
             try:
-                parsed = ModelName(*entry.parts)
-                parsed._validate(str(entry.path))
+                parsed = name_from_parts(*entry.parts, original=str(entry.path))
             except InvalidNameError:
                 continue  # not a name Ollama could have written
             names.append(parsed)
@@ -270,8 +189,6 @@ class ModelStore:
                 ManifestError too for a path outside any store when no root was given.
             UnsupportedModelError: a manifest list without a local child for the runner.
         """
-        from ._manifest import Manifest
-        from ._model import Model
 
         limits = limits or Limits()
         if isinstance(model, Manifest):
@@ -282,8 +199,6 @@ class ModelStore:
     def _open(
         self, model: str | os.PathLike[str] | ModelName, runner: str | None, limits: Limits
     ) -> Model:
-        from ._manifest import ManifestList, decode_document
-        from ._model import Model
 
         store, document, label = self._locate(model, limits)
         decoded = decode_document(document.data, model=label, path=document.path)
@@ -324,7 +239,6 @@ class ModelStore:
     def _read_path(
         self, path: Path, label: str, limits: Limits
     ) -> tuple[ModelStore, Document, str]:
-        from ._layout import InvalidEntryError, read_document, store_root_of
 
         if not os.path.lexists(path):
             raise ModelNotFoundError("manifest file not found", model=label, path=path)
@@ -361,7 +275,6 @@ class ModelStore:
         A referenced child is read from ``blobs/`` and must hash to its digest, as Ollama
         checks it (``resolveLocalManifestReference``); one missing or mismatching is skipped.
         """
-        from ._manifest import MANIFEST_MEDIA_TYPE, decode_manifest, encode_manifest
 
         preferences = [runner] if runner else list(_RUNNER_PREFERENCES)
         notes: list[str] = []
@@ -444,3 +357,238 @@ def child_runner_of(child: ManifestRef) -> str:
     if runner:
         return runner
     return {"safetensors": "mlx", "gguf": "ggml"}.get(child.format.strip().lower(), "")
+
+
+class Model:
+    """A decoded manifest together with the store its blobs live in.
+
+    Get one with ``await ModelStore().open(name)``.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        manifest: Manifest,
+        *,
+        label: str,
+        path: Path | None,
+        digest: str | None = None,
+        limits: Limits | None = None,
+        document: Document | None = None,
+        manifest_list: ManifestList | None = None,
+        runner: str | None = None,
+    ) -> None:
+        self.store = store
+        #: the caps its configs are read under (`Limits.max_config_bytes`)
+        self.limits = limits or Limits()
+        self.manifest = manifest
+        #: how the model was named by the caller (name, path, or ``"<manifest>"``)
+        self.label = label
+        #: the manifest entry (file or ``manifests-v2`` link), when the model came from one
+        self.path = path
+        #: ``sha256:<hex>`` of the runnable manifest document (the selected child of a
+        #: manifest list; the anchored document of a legacy anchor; else the bytes read, or
+        #: as encoded for a `Manifest` given directly): a re-pulled model has a new digest
+        self.digest = digest or "sha256:" + hashlib.sha256(encode_manifest(manifest)).hexdigest()
+        #: the manifest list the model was selected from, if its tag holds one
+        self.manifest_list = manifest_list
+        #: ``sha256:<hex>`` of that list's document
+        self.list_digest = document.digest if document and manifest_list else None
+        #: how the manifest is stored: ``"manifests-v2 symlink"``, ``"manifests-v2 hard link"``,
+        #: ``"manifests-v2 copy"``, ``"manifests"`` (legacy), ``"file"`` or None (in memory)
+        self.layout = document.layout if document else None
+        #: modification time of the manifest entry, seconds since the epoch
+        self.modified = document.modified if document else None
+        #: why a ``manifests-v2`` entry of the name was skipped for the legacy one, if it was
+        self.skipped = document.skipped if document else None
+        self._config: ModelConfig | None = None
+        self.kind: ModelKind = classify(manifest, None)
+        if self.kind == "empty":
+            self._config = self._read_config_now()
+            self.kind = classify(manifest, self._config)
+        #: the runner this manifest is for: the list child chosen, the manifest's own
+        #: ``runner``, else derived from its weights (``mlx`` for tensors, ``ggml`` for GGUF)
+        self.runner = runner or manifest.runner.lower() or _RUNNERS.get(self.kind, "")
+        #: the weight format: ``"safetensors"``, ``"gguf"``, or ``""`` when no local weights
+        self.format = manifest.format.lower() or _FORMATS.get(self.kind, "")
+
+    def __repr__(self) -> str:
+        return f"<Model {self.label!r} {self.kind}: {len(self.manifest.layers)} layers>"
+
+    def _read_config_now(self) -> ModelConfig | None:
+        """The config blob read at once (blocking): only models without weights need it,
+        to tell a cloud model from an empty one."""
+        layer = self.manifest.config
+        try:
+            path = self.store.blob_path(layer.digest)
+            if layer.size > self.limits.max_config_bytes:
+                return None
+            data = read_file(path, "config", expected_size=layer.size)
+            return decode_config(bytes(data), model=self.label)
+        except (OSError, AsyncWeightsError):
+            return None
+
+    def check_loadable(self) -> None:
+        """Raise unless the model holds weights asyncweights can load: safetensors tensor
+        layers, or a GGUF model's ``image.model`` layer.
+
+        Raises:
+            UnsupportedModelError: an adapter-only, cloud or empty model; the message says
+                which and why.
+        """
+        if self.kind in ("tensor", "gguf"):
+            return
+        if self.kind == "adapter":
+            kinds = sorted(
+                {"adapter" if x.media_type == ADAPTER_MEDIA_TYPE else "projector"
+                 for x in self.manifest.gguf_layers}
+            )  # fmt: skip
+            reason = (
+                f"adapter-only model: it holds only a GGUF {' and '.join(kinds)} layer and no "
+                "base weights; load the base model it applies to"
+            )
+        elif self.kind == "cloud":
+            config = self._config or ModelConfig()
+            reason = (
+                f"cloud model: it runs on {config.remote_host or 'a remote host'}"
+                f" as {config.remote_model or self.label!r}; there are no local weights to load"
+            )
+        else:
+            reason = "model has no weights: no tensor or GGUF layers, and no remote host"
+        raise UnsupportedModelError(self.kind, reason, model=self.label, path=self.path)
+
+    @property
+    def tensor_layers(self) -> list[Layer]:
+        """Tensor layers, in manifest order."""
+        return self.manifest.tensor_layers
+
+    @property
+    def components(self) -> list[str]:
+        """Components present, in manifest order: the first segment of prefixed tensor layer
+        names; for a GGUF model, ``model`` and (multimodal) ``projector``."""
+        seen: dict[str, None] = {}
+        for layer in self.tensor_layers:
+            if layer.name and "/" in layer.name:
+                seen.setdefault(layer.name.split("/", 1)[0], None)
+        for component, _ in self.gguf_components:
+            seen.setdefault(component, None)
+        return list(seen)
+
+    @property
+    def gguf_components(self) -> list[tuple[str, Layer]]:
+        """A GGUF model's loadable layers with the component each loads as: the main weights
+        (``application/vnd.ollama.image.model``) as ``model``, a multimodal projector
+        (``application/vnd.ollama.image.projector``) as ``projector``. Empty unless the
+        model's kind is ``"gguf"``; adapters are not loaded."""
+        if self.kind != "gguf":
+            return []
+        return [
+            (_GGUF_COMPONENTS[layer.media_type], layer)
+            for layer in self.manifest.layers
+            if layer.media_type in _GGUF_COMPONENTS
+        ]
+
+    async def gguf_metadata(self, component: str = "model") -> dict[str, Any]:
+        """The metadata of a GGUF layer, its header validated (read in a worker thread).
+
+        Values are int, float, bool, str, or `GGUFArray` (tokenizer vocabularies and other
+        arrays, decoded only when read).
+
+        Raises:
+            ComponentNotFoundError: no GGUF layer for `component`; BlobError and its
+                subclasses (HeaderError …) naming the blob and file.
+        """
+        from ._gguf import read_gguf_header
+
+        layer = self._gguf_layer(component)
+        path = self.store.blob_path(layer.digest)
+        try:
+            header = await anyio.to_thread.run_sync(
+                functools.partial(read_gguf_header, path, expected_size=layer.size)
+            )
+        except AsyncWeightsError as exc:
+            exc.add_context(model=self.label, digest=layer.digest, path=path)
+            raise
+        return header.metadata
+
+    def _gguf_layer(self, component: str) -> Layer:
+        for name, layer in self.gguf_components:
+            if name == component:
+                return layer
+        raise ComponentNotFoundError(
+            component, [name for name, _ in self.gguf_components], model=self.label
+        )
+
+    @property
+    def config_names(self) -> list[str]:
+        """Names of the JSON config layers (``model_index.json``, ``vae/config.json`` …)."""
+        return [layer.name for layer in self.manifest.json_layers if layer.name]
+
+    @property
+    def total_tensor_size(self) -> int:
+        """Sum of tensor layer sizes, headers included, each distinct blob counted once."""
+        return sum({layer.digest: layer.size for layer in self.tensor_layers}.values())
+
+    async def read_config_bytes(self, name: str) -> bytes:
+        """The raw bytes of the JSON layer whose name is exactly `name`.
+
+        Raises:
+            ConfigNotFoundError: no such layer; BlobMissingError: its blob is absent.
+        """
+        return bytes(await self._read_blob(self._config_layer(name), what=f"config {name!r}"))
+
+    def _config_layer(self, name: str) -> Layer:
+        for layer in self.manifest.json_layers:
+            if layer.name == name:
+                return layer
+        raise ConfigNotFoundError(f"config {name!r} not found in manifest", model=self.label)
+
+    async def read_config(self, name: str) -> Any:
+        """The decoded JSON of the config layer `name` (e.g. ``"model_index.json"``).
+
+        Raises:
+            ConfigNotFoundError: no such layer. ManifestError: the layer is not valid JSON.
+        """
+        layer = self._config_layer(name)
+        data = await self._read_blob(layer, what=f"config {name!r}")
+        try:
+            # In a worker thread, in bounded steps when large: the event loop stays free.
+            return await anyio.to_thread.run_sync(loads, data)
+        except JSONError as exc:
+            reason = exc.reason
+            if reason.startswith("not valid JSON: "):
+                reason = reason[len("not valid JSON: ") :]
+            raise ManifestError(
+                f"config {name!r} is not valid JSON: {reason}",
+                model=self.label,
+                digest=layer.digest,
+                path=self.store.blob_path(layer.digest),
+            ) from None
+
+    async def config(self) -> ModelConfig:
+        """The model's config blob (Ollama's ConfigV2), decoded once."""
+        if self._config is None:
+            data = await self._read_blob(self.manifest.config, what="config blob")
+            decode = functools.partial(
+                decode_config, data, model=self.label, digest=self.manifest.config.digest
+            )
+            self._config = await anyio.to_thread.run_sync(decode)
+        return self._config
+
+    async def _read_blob(self, layer: Layer, *, what: str) -> bytes | bytearray:
+        path = self.store.blob_path(layer.digest)
+        cap = self.limits.max_config_bytes
+        if layer.size > cap:
+            raise BlobError(
+                f"{what} is {layer.size} bytes, over Limits.max_config_bytes ({cap})",
+                model=self.label,
+                digest=layer.digest,
+                path=path,
+            )
+        try:
+            return await anyio.to_thread.run_sync(
+                functools.partial(read_file, path, "config", expected_size=layer.size)
+            )
+        except AsyncWeightsError as exc:
+            exc.add_context(model=self.label, digest=layer.digest)
+            raise
