@@ -183,6 +183,7 @@ def _info(tensor: PlannedTensor, array: mx.array) -> TensorInfo:
         key=tensor.key,
         source_dtype=tensor.entry.dtype if tensor.source is None else tensor.source.ggml_type,
         quantization=tensor.quantization,
+        companions=tensor.companions or {},
     )
 
 

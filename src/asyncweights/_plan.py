@@ -52,6 +52,8 @@ class PlannedTensor:
     digest: str
     companion: bool = False
     quantization: Quantization | None = None
+    #: on a packed weight: its companions by role (``scales``, ``biases``, ``global_scale``)
+    companions: dict[str, str] | None = None
     #: the GGUF tensor the array is converted from (GGUF blobs only); `entry` then describes
     #: the converted array (dtype, shape, and ``end`` = its bytes)
     source: GGUFTensorInfo | None = None
@@ -378,6 +380,17 @@ def _resolve_quantization(
                 str(exc), model=label, tensor=name, digest=blob.digest, path=blob.path
             ) from None
         tensor.quantization = q
+        tensor.companions = {"scales": scale[0].name}
+        if bias is not None:
+            tensor.companions["biases"] = bias[0].name
+        # NVFP4's second-level scale: kept as stored, named as Ollama's runner finds it
+        # (x/mlxrunner/model/linear.go: "<X>.global_scale", else ModelOpt's "<X>_scale_2").
+        for global_name in (name + ".global_scale", name + "_scale_2"):
+            found_global = by_name.get(global_name)
+            if found_global is not None:
+                found_global[0].companion = True
+                tensor.companions["global_scale"] = global_name
+                break
         found.append(q)
     return _model_level(hint_label, hint_group, found)
 
@@ -528,7 +541,8 @@ def _gguf_part(
     quantization = None
     if target.kind == "affine":
         quantization = Quantization(info.ggml_type, "affine", target.bits, target.group_size)
-    for i, (name, dtype, shape) in enumerate(outputs(info)):
+    outs = outputs(info)
+    for i, (name, dtype, shape) in enumerate(outs):
         nbytes = DTYPE_BYTES[dtype]
         for d in shape:
             nbytes *= d
@@ -537,6 +551,9 @@ def _gguf_part(
             prefix + name, name, entry, layer.digest, companion=i > 0,
             quantization=quantization if i == 0 else None, source=info,
         )  # fmt: skip
+        if i == 0 and quantization is not None:
+            names = [prefix + n for n, _, _ in outs[1:]]
+            planned.companions = dict(zip(("scales", "biases"), names, strict=False))
         part.tensors.append(planned)
         part.nbytes += nbytes
     return part

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,6 +31,10 @@ class TensorInfo:
         quantization: set on a packed quantized weight ``X`` (its companions are
             ``X_scale`` and ``X_qbias``; for GGUF, ``<base>.scales`` and ``<base>.biases``
             as ``mx.load`` names them, where ``X`` is ``<base>.weight``); None otherwise.
+        companions: on a packed quantized weight, the names of its companions by role:
+            ``"scales"``, ``"biases"`` (affine modes only) and ``"global_scale"`` (NVFP4's
+            second-level float32 scale, ``X.global_scale`` as Ollama stores it). Companions
+            keep their stored dtype whatever ``dtype=`` asks. Empty otherwise.
     """
 
     name: str
@@ -41,6 +45,7 @@ class TensorInfo:
     key: str
     source_dtype: str
     quantization: Quantization | None = None
+    companions: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,3 +114,67 @@ class Weights(Mapping[str, "mx.array"]):
     def release(self) -> None:
         """Drop every array reference so MLX can free the memory (the info stays)."""
         self._arrays = {}
+
+    def dequantize(self, name: str, *, dtype: mx.Dtype | None = None) -> mx.array:
+        """The float values of a packed quantized weight, from its facts and companions.
+
+        ``mx.dequantize(w[X], w[scales], w.get(biases), group_size=q.group_size, bits=q.bits,
+        mode=q.mode)`` with ``q = w.info[X].quantization`` and the companions named by
+        ``w.info[X].companions``; an NVFP4 weight with a ``global_scale`` is then multiplied
+        by it (per tensor, or per output row when it is a vector) and cast back to the
+        dequantized dtype, as Ollama's MLX runner applies it
+        (``x/mlxrunner/mlx/ops_extra.go`` ``Dequantize`` at ollama ``fb3076099``).
+        A tensor that is not quantized is returned as it is.
+
+        Args:
+            name: the packed weight ``X``.
+            dtype: the output dtype (MLX's default: that of the scales).
+
+        Raises:
+            KeyError: no tensor of that name, or a companion that was not loaded.
+        """
+        import mlx.core as mx
+
+        info = self.info[name]
+        q = info.quantization
+        if q is None:
+            return self[name]
+        roles = info.companions
+        biases = self[roles["biases"]] if "biases" in roles else None
+        out = mx.dequantize(
+            self[name], self[roles["scales"]], biases, group_size=q.group_size, bits=q.bits,
+            mode=q.mode, dtype=dtype,
+        )  # fmt: skip
+        if "global_scale" in roles:
+            scale = self[roles["global_scale"]]
+            if scale.size > 1:
+                scale = scale.reshape(scale.size, 1)
+            out = (out * scale).astype(out.dtype)
+        return out
+
+    def for_mlx_nn(self) -> dict[str, mx.array]:
+        """The tensors named as `mlx.nn` modules name their parameters.
+
+        A packed weight ``<path>.weight`` stays ``<path>.weight``; its scales become
+        ``<path>.scales`` and its biases ``<path>.biases``, the parameters of
+        ``nn.QuantizedLinear``, ``nn.QuantizedEmbedding`` and mlx-lm's switch layers; an NVFP4
+        global scale becomes ``<path>.global_scale`` (no `mlx.nn` module has it: fold it in
+        with `dequantize`, or load with ``strict=False``). Every other tensor keeps its
+        name. So ``model.load_weights(list(w.for_mlx_nn().items()))`` loads a model whose
+        quantized layers were made with ``nn.quantize`` with the same group size, bits and
+        mode.
+
+        Returns:
+            a new dict; the arrays are shared, not copied.
+        """
+        out: dict[str, mx.array] = {}
+        renamed: dict[str, str] = {}
+        for name, info in self.info.items():
+            if info.quantization is None or not info.companions:
+                continue
+            base = name.removesuffix(".weight")
+            for role, companion in info.companions.items():
+                renamed[companion] = f"{base}.{role}"
+        for name, array in self._arrays.items():
+            out[renamed.get(name, name)] = array
+        return out
