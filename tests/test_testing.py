@@ -9,12 +9,12 @@ import mlx.core as mx
 import pytest
 import safetensors
 
+from asyncweights import Quantization
 from asyncweights._writer import CONFIG_MEDIA_TYPE, JSON_MEDIA_TYPE, TENSOR_MEDIA_TYPE, Tensor
 from asyncweights.testing import (
     BuiltModel,
     Era,
     MetadataStyle,
-    QuantParams,
     StoreBuilder,
     default_policy,
     quant_params,
@@ -155,7 +155,7 @@ def test_format_8_example_via_add_model(tmp_path: Path) -> None:
         "digest": "sha256:c86d08128417d55cf355f5a7a1d18945f3678f7a639302f5cb19d4c309de92ee",
         "size": 209,
     }
-    assert model.quantization == {Q: QuantParams("int4", "affine", 4, 32)}
+    assert model.quantization == {Q: Quantization("int4", "affine", 4, 32)}
     assert sorted(model.component("transformer")) == [
         "blocks.0.attn.to_q.weight",
         "blocks.0.attn.to_q.weight_qbias",
@@ -386,11 +386,11 @@ def test_quantize_array_matches_format_5_1(qtype: str) -> None:
 
 
 def test_quant_params_defaults_and_errors() -> None:
-    assert quant_params("int4") == QuantParams("int4", "affine", 4, 64)
-    assert quant_params("INT4", era="E0") == QuantParams("int4", "affine", 4, 32)
-    assert quant_params(("int8", 128)) == QuantParams("int8", "affine", 8, 128)
-    assert quant_params("nvfp4") == QuantParams("nvfp4", "nvfp4", 4, 16)
-    assert quant_params("mxfp8") == QuantParams("mxfp8", "mxfp8", 8, 32)
+    assert quant_params("int4") == Quantization("int4", "affine", 4, 64)
+    assert quant_params("INT4", era="E0") == Quantization("int4", "affine", 4, 32)
+    assert quant_params(("int8", 128)) == Quantization("int8", "affine", 8, 128)
+    assert quant_params("nvfp4") == Quantization("nvfp4", "nvfp4", 4, 16)
+    assert quant_params("mxfp8") == Quantization("mxfp8", "mxfp8", 8, 32)
     with pytest.raises(ValueError, match="unknown quant type"):
         quant_params("q3")
 
@@ -426,7 +426,7 @@ def test_callable_quantize_and_group_override(tmp_path: Path) -> None:
     model = StoreBuilder(tmp_path).add_model(
         "m", w, era="E3", quantize=lambda n, a: ("int4", 128) if n == "a.weight" else None
     )
-    assert model.quantization == {"a.weight": QuantParams("int4", "affine", 4, 128)}
+    assert model.quantization == {"a.weight": Quantization("int4", "affine", 4, 128)}
     h = header(tmp_path, model.layers[0].digest)
     assert h["__metadata__"] == {"group_size": "128", "quant_type": "int4"}
     assert_reads_back(tmp_path, model)

@@ -30,7 +30,7 @@ import mlx.core as mx
 from ._errors import AsyncWeightsError
 from ._import import write_quantized
 from ._names import ModelName
-from ._quantize import quant_params, should_quantize
+from ._quant import quant_params, should_quantize
 from ._store import ModelStore
 from ._writer import (
     CONFIG_MEDIA_TYPE,

@@ -41,8 +41,7 @@ from ._files import read_file
 from ._limits import Limits
 from ._names import ModelName
 from ._progress import Progress, ProgressCallback, ProgressReporter
-from ._quant import Quantization
-from ._quantize import QuantParams, quant_params, quantize_array, should_quantize
+from ._quant import Quantization, quant_params, quantize_array, should_quantize
 from ._source import PackedSource, Source, SourceTensor, scan_source
 from ._store import Model, ModelStore
 from ._writer import (
@@ -98,7 +97,7 @@ def write_quantized(
     root: Path,
     name: str,
     array: mx.array,
-    params: QuantParams,
+    params: Quantization,
     *,
     layout: ImportLayout,
     created: set[str] | None = None,
@@ -133,7 +132,7 @@ def write_quantized(
 def _import_item(
     root: Path,
     item: SourceTensor | PackedSource,
-    params: QuantParams | None,
+    params: Quantization | None,
     layout: ImportLayout,
     pipeline: bool,
     created: set[str],
@@ -343,7 +342,7 @@ def _drop_v2_entries(store: ModelStore, name: str) -> None:
 async def _write_items(
     root: Path,
     source: Source,
-    params: QuantParams | None,
+    params: Quantization | None,
     layout: ImportLayout,
     created: set[str],
     tally: _Tally,

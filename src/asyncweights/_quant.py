@@ -1,17 +1,37 @@
-"""Quantization facts: from blob metadata, then model-level labels, then the shape rule.
+"""Quantization: one `Quantization` type, one table of types, the read rule and the write rule.
 
-FORMAT.md §5 is the reference; §5.5 is the exact per-tensor rule implemented by
-`resolve`. There is never a guess from byte-size ratios.
+Reading (`resolve`): facts come from blob metadata, then model-level labels, then the shape
+rule; there is never a guess from byte-size ratios. Writing (`quant_params`,
+`should_quantize`, `quantize_array`): which tensors an import quantizes and how, as Ollama's
+``x/create`` does. See ``docs/format.md`` for the upstream sources of each rule.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, TypeAlias
 
-__all__ = ["Quantization", "canonical_type", "resolve"]
+import mlx.core as mx
 
-# canonical type -> (MLX mode, bits, default group size)
+__all__ = [
+    "Era",
+    "QuantSpec",
+    "Quantization",
+    "canonical_type",
+    "quant_params",
+    "quantize_array",
+    "resolve",
+    "should_quantize",
+]
+
+#: The blob grammars of Ollama's safetensors stores, oldest first.
+Era: TypeAlias = Literal["E0", "E1", "E2", "E3"]
+#: A requested quantization: a type (``"int4"``), or a type and a group size.
+QuantSpec: TypeAlias = str | tuple[str, int]
+
+# canonical type -> (MLX mode, bits, default group size since 2026-03-06)
 _TYPES: dict[str, tuple[str, int, int]] = {
     "int4": ("affine", 4, 64),
     "int8": ("affine", 8, 64),
@@ -31,13 +51,15 @@ _ALIASES = {
     "mxfp8": "mxfp8",
 }
 _FP_SCALE_DTYPES = frozenset({"U8", "F8_E4M3", "F8_E8M0"})
-_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32"})
+_FLOATS = frozenset({"F16", "BF16", "F32"})
 _AFFINE_GROUPS = frozenset({32, 64, 128})
 
 
 @dataclass(frozen=True, slots=True)
 class Quantization:
     """How a packed weight is quantized: canonical type, MLX mode, bits and group size.
+
+    The same type describes what a loader found and what a writer asks for.
 
     ``mx.dequantize(w, scales, biases, group_size=q.group_size, bits=q.bits, mode=q.mode)``.
     """
@@ -52,6 +74,50 @@ class Quantization:
         """The facts of a canonical type, with its default group size unless one is given."""
         mode, bits, default = _TYPES[qtype]
         return cls(qtype, mode, bits, group_size or default)
+
+
+def quant_params(spec: QuantSpec, *, era: Era = "E3") -> Quantization:
+    """The write rule's parameters for ``"int4"`` or ``("int4", 32)``: the type's default
+    group unless one is given (int4 was group 32 in E0).
+
+    Raises:
+        ValueError: not one of the canonical types.
+    """
+    qtype, group = (spec, None) if isinstance(spec, str) else spec
+    qtype = qtype.lower()
+    if qtype not in _TYPES:
+        raise ValueError(f"unknown quant type {qtype!r}; expected one of {sorted(_TYPES)}")
+    mode, bits, default = _TYPES[qtype]
+    if group is None:
+        group = 32 if era == "E0" and qtype == "int4" else default
+    return Quantization(qtype, mode, bits, group)
+
+
+def quantize_array(
+    array: mx.array, params: Quantization
+) -> tuple[mx.array, mx.array, mx.array | None]:
+    """Quantize with MLX: packed U32 weight, scales, and biases (None for the FP modes)."""
+    out = mx.quantize(array, group_size=params.group_size, bits=params.bits, mode=params.mode)
+    biases = out[2] if params.mode == "affine" else None
+    mx.eval(out)
+    return out[0], out[1], biases
+
+
+_SKIP = ("embed", "norm", "ln_")
+
+
+def should_quantize(name: str, dtype: str, shape: Sequence[int], group_size: int) -> bool:
+    """Ollama's rule of which tensors a requested quantization applies to (FORMAT.md §4.1).
+
+    Skipped: the ``vae`` component, names with ``embed``, ``norm`` or ``ln_``, non-float
+    tensors, anything but a ``*.weight`` of rank 2 or more, and last dimensions the group
+    does not divide.
+    """
+    if name.startswith("vae/") or any(s in name for s in _SKIP):
+        return False
+    if not name.endswith(".weight") or dtype not in _FLOATS or len(shape) < 2:
+        return False
+    return shape[-1] % group_size == 0
 
 
 def canonical_type(label: str | None) -> str | None:
@@ -159,7 +225,7 @@ def _infer(
         if wc % sc or wc // sc not in by_ratio:
             raise ValueError(f"packed/scale ratio {wc}/{sc} fits no FP quantization")
         return Quantization.of(by_ratio[wc // sc])
-    if packed.scale_dtype not in _FLOAT_DTYPES:
+    if packed.scale_dtype not in _FLOATS:
         raise ValueError(f"affine scales must be floating point, not {packed.scale_dtype}")
     candidates = []
     for bits, per_word in ((4, 8), (8, 4)):

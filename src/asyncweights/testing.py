@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 import mlx.core as mx
 import msgspec
 
-from ._quantize import Era, QuantParams, QuantSpec, quant_params, quantize_array, should_quantize
+from ._quant import Era, Quantization, QuantSpec, quant_params, quantize_array, should_quantize
 from ._writer import (
     COMPONENTS,
     CONFIG_MEDIA_TYPE,
@@ -58,7 +58,6 @@ __all__ = [
     "Layer",
     "LayoutName",
     "MetadataStyle",
-    "QuantParams",
     "StoreBuilder",
     "Tensor",
     "default_policy",
@@ -164,7 +163,7 @@ class BuiltModel:
     config: Layer
     layers: list[Layer]
     expected: dict[str, mx.array]
-    quantization: dict[str, QuantParams]
+    quantization: dict[str, Quantization]
     source: dict[str, mx.array] = field(repr=False)
 
     def component(self, component: str | None) -> dict[str, mx.array]:
@@ -479,7 +478,7 @@ class StoreBuilder:
 
     def _resolve_quantize(
         self, tensors: Mapping[str, mx.array], quantize: Quantize, era: Era
-    ) -> dict[str, QuantParams]:
+    ) -> dict[str, Quantization]:
         if quantize is None:
             return {}
         if isinstance(quantize, str):
@@ -516,7 +515,7 @@ class StoreBuilder:
         order: Sequence[str],
         tensors: Mapping[str, mx.array],
         quantized: Mapping[str, tuple[mx.array, mx.array, mx.array | None]],
-        params: Mapping[str, QuantParams],
+        params: Mapping[str, Quantization],
         pack: Mapping[str, Sequence[str]],
         metadata_style: MetadataStyle,
     ) -> list[Layer]:
@@ -536,7 +535,7 @@ class StoreBuilder:
             if group is not None:
                 written.add(group)
             entries: list[Tensor] = []
-            keys: dict[str, QuantParams] = {}
+            keys: dict[str, Quantization] = {}
             for m in members:
                 key = _blob_key(m, m in quantized)
                 if m in quantized:
@@ -627,7 +626,7 @@ def _blob_key(name: str, quantized: bool) -> str:
     return name if quantized else name.partition("/")[2] or name
 
 
-def _quant_metadata(keys: Mapping[str, QuantParams], style: MetadataStyle) -> dict[str, str]:
+def _quant_metadata(keys: Mapping[str, Quantization], style: MetadataStyle) -> dict[str, str]:
     uniform = len({(p.type, p.group_size) for p in keys.values()}) == 1
     first = next(iter(keys.values()))
     global_ = {"quant_type": first.type, "group_size": str(first.group_size)}
