@@ -75,7 +75,7 @@ def test_ls_lists_models(store: Path, tmp_path: Path) -> None:
     text = cli("ls", "--store", str(store), tmp=tmp_path)
     assert text.returncode == 0
     assert text.stdout.splitlines()[0].split() == [
-        "NAME", "ID", "SIZE", "MODIFIED", "KIND", "FORMAT", "DETAILS"
+        "NAME", "ID", "SIZE", "MODIFIED", "KIND", "FORMAT", "STORED", "DETAILS"
     ]  # fmt: skip
 
 

@@ -134,7 +134,16 @@ def test_ls_lists_every_kind_and_exits_0(
     text = cli("ls", "--store", str(root), tmp=tmp_path)
     assert text.returncode == 0
     lines = text.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "ID", "SIZE", "MODIFIED", "KIND", "FORMAT", "DETAILS"]
+    assert lines[0].split() == [
+        "NAME",
+        "ID",
+        "SIZE",
+        "MODIFIED",
+        "KIND",
+        "FORMAT",
+        "STORED",
+        "DETAILS",
+    ]
     by_name = {line.split()[0]: line for line in lines[1:]}
     assert sorted(by_name) == sorted(EXPECTED_KINDS)
     assert "GGUF model" in by_name["llama3.2:latest"]

@@ -250,6 +250,15 @@ _KIND_NAMES = {
 }
 
 
+_STORED = {
+    "manifests": "legacy",
+    "manifests-v2 symlink": "v2 symlink",
+    "manifests-v2 hard link": "v2 hardlink",
+    "manifests-v2 copy": "v2 copy",
+    "file": "file",
+}
+
+
 def _size(model: Model) -> int:
     """Bytes of the distinct blobs the manifest names (config included, anchors not), as
     ``ollama ls`` sizes a model."""
@@ -362,12 +371,13 @@ async def cmd_ls(args: argparse.Namespace, out: Output) -> Result:
                 for key in ("tensors", "components", "quantization"):
                     row[key] = described[key]
         rows.append(row)
-    table = [["NAME", "ID", "SIZE", "MODIFIED", "KIND", "FORMAT", "DETAILS"]]
+    table = [["NAME", "ID", "SIZE", "MODIFIED", "KIND", "FORMAT", "STORED", "DETAILS"]]
     for r in rows:
         modified = (r.get("modified") or "-").replace("T", " ").removesuffix("Z")[:16]
         table.append([
             r["name"], r.get("id", "-"), format_bytes(r["size"]) if "size" in r else "-",
-            modified, _KIND_NAMES.get(r["kind"], r["kind"]), r.get("format") or "-", _details(r),
+            modified, _KIND_NAMES.get(r["kind"], r["kind"]), r.get("format") or "-",
+            _STORED.get(r.get("layout") or "", "-"), _details(r),
         ])  # fmt: skip
     data = {"store": str(store.root), "models": rows}
     return Result(data, _table(table))
