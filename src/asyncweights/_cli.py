@@ -355,7 +355,8 @@ def _details(row: dict[str, Any]) -> str:
 async def cmd_ls(args: argparse.Namespace, out: Output) -> Result:
     store = ModelStore(args.store, runner=args.runner)
     rows: list[dict[str, Any]] = []
-    async for name in store.models():
+    unlisted: list[str] = []  # folders that could not be read: listed past, reported, exit 1
+    async for name in store.models(on_error=lambda exc: unlisted.append(str(exc))):
         try:
             model = await store.open(name)
         except AsyncWeightsError as exc:
@@ -380,7 +381,7 @@ async def cmd_ls(args: argparse.Namespace, out: Output) -> Result:
             _STORED.get(r.get("layout") or "", "-"), _details(r),
         ])  # fmt: skip
     data = {"store": str(store.root), "models": rows}
-    return Result(data, _table(table))
+    return Result(data, _table(table), status=1 if unlisted else 0, errors=unlisted)
 
 
 async def cmd_show(args: argparse.Namespace, out: Output) -> Result:

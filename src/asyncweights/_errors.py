@@ -295,3 +295,60 @@ def single_error(
         else:
             return None
     return leaves[0] if leaves else None
+
+
+def as_typed(exc: BaseException, *, model: str | None = None) -> AsyncWeightsError | None:
+    """The typed error to raise for an exception a load met, with `exc` as its cause.
+
+    * An `AsyncWeightsError` is itself.
+    * `MemoryError` (a buffer or MLX allocation that failed) is a `BudgetError`.
+    * `OSError` is a `LoadError` with its errno and file.
+    * Any other `Exception` (an unexpected error from MLX or a dependency) is a `LoadError`
+      naming its type.
+    * Anything else (cancellation, `KeyboardInterrupt`, `SystemExit`) is None: those
+      propagate as they are.
+    """
+    if isinstance(exc, AsyncWeightsError):
+        return exc
+    error: AsyncWeightsError
+    if isinstance(exc, MemoryError):
+        error = BudgetError(f"out of memory: {str(exc) or 'MemoryError'}", model=model)
+    elif isinstance(exc, OSError):
+        error = LoadError(
+            f"I/O error: {exc.strerror or exc}",
+            model=model,
+            path=exc.filename if isinstance(exc.filename, str) else None,
+            errno=exc.errno,
+        )
+    elif isinstance(exc, Exception) and not isinstance(exc, BaseExceptionGroup):
+        error = LoadError(f"unexpected {type(exc).__name__}: {exc}", model=model)
+    else:
+        return None
+    error.__cause__ = exc
+    return error
+
+
+def typed_error(
+    group: BaseExceptionGroup[BaseException], *, model: str | None = None
+) -> AsyncWeightsError | None:
+    """One typed error for a failed task group of a load, or None to re-raise the group.
+
+    The first `AsyncWeightsError` in the group when there is one, else the first other
+    error made typed by `as_typed`; None when the group holds a cancellation or an
+    interrupt, which must propagate untouched. Called in a plain ``except
+    BaseExceptionGroup`` block (see `single_error` for why not ``except*``).
+    """
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(reversed(exc.exceptions))
+        elif not isinstance(exc, Exception):
+            return None
+        else:
+            leaves.append(exc)
+    for leaf in leaves:
+        if isinstance(leaf, AsyncWeightsError):
+            return leaf
+    return as_typed(leaves[0], model=model) if leaves else None

@@ -230,18 +230,35 @@ def _anchored_digest(data: bytes) -> str | None:
     return None
 
 
-def _children(folder: Path) -> list[Path]:
+def _children(folder: Path, errors: list[OSError] | None = None) -> list[Path]:
+    """The entries of `folder`, sorted; none when it is absent or not a folder.
+
+    Other OS errors (EACCES, ELOOP …) are raised, or appended to `errors` when given, so a
+    listing goes on past an unreadable folder.
+    """
     try:
         return sorted(folder.iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:
+        if errors is None:
+            raise
+        if exc.filename is None:
+            exc.filename = os.fspath(folder)
+        errors.append(exc)
+        return []
 
 
-def _is_entry(path: Path) -> bool:
+def _is_entry(path: Path, errors: list[OSError] | None = None) -> bool:
     """A file or a symlink (dangling ones included): what Ollama's listing counts."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if errors is None:
+            raise
+        errors.append(exc)
         return False
     return stat.S_ISREG(mode) or (stat.S_ISLNK(mode) and not os.path.isdir(path))
 
@@ -324,21 +341,23 @@ def resolve(root: Path, name: Parts, label: str, max_size: int) -> Document:
     raise ModelNotFoundError(reason, model=label, path=default)
 
 
-def list_entries(root: Path) -> list[Entry]:
+def list_entries(root: Path, errors: list[OSError] | None = None) -> list[Entry]:
     """Every named entry of both trees, one per name ignoring case (``manifests-v2`` first).
 
     Names are normalized as Ollama lists them: either public host spelling becomes
     ``registry.ollama.ai``; a ``%3A`` in a ``manifests-v2`` host becomes ``:``. The caller
-    validates the names (temporary files start with ``.``, which no name does).
+    validates the names (temporary files start with ``.``, which no name does). A folder or
+    entry that cannot be read (EACCES, a symlink loop) is skipped and its OS error appended
+    to `errors` when given, else raised.
     """
     entries: dict[Parts, Entry] = {}
     for tree in ("manifests-v2", "manifests"):
         tree_t: Tree = "manifests-v2" if tree == "manifests-v2" else "manifests"
-        for host in _children(root / tree):
-            for ns in _children(host):
-                for model in _children(ns):
-                    for tag in _children(model):
-                        if not _is_entry(tag):
+        for host in _children(root / tree, errors):
+            for ns in _children(host, errors):
+                for model in _children(ns, errors):
+                    for tag in _children(model, errors):
+                        if not _is_entry(tag, errors):
                             continue
                         host_name = decode_host(host.name) if tree == "manifests-v2" else host.name
                         if is_public(host_name):

@@ -26,7 +26,7 @@ import anyio.to_thread
 import mlx.core as mx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import AsyncWeightsError, BudgetError, LoadError, single_error
+from ._errors import AsyncWeightsError, BudgetError, LoadError, as_typed, typed_error
 from ._limits import Limits
 from ._manifest import Manifest
 from ._names import ModelName
@@ -208,7 +208,14 @@ async def _pipeline(
 ) -> AsyncIterator[tuple[Plan, _Groups]]:
     limits = limits or Limits()
     started = time.monotonic()
-    model = await open_model(model_ref, store, limits)
+    try:
+        model = await open_model(model_ref, store, limits)
+    except Exception as exc:
+        if isinstance(exc, AsyncWeightsError):
+            raise
+        error = as_typed(exc)
+        assert error is not None
+        raise error from exc
     reporter = ProgressReporter(on_progress, limits.progress_interval, model.label)
     send, receive = anyio.create_memory_object_stream[_Loaded](limits.buffered_groups)
     consumer_error: Exception | None = None
@@ -235,7 +242,8 @@ async def _pipeline(
                     tg.cancel_scope.cancel()
                     reporter.close(None)
     except BaseExceptionGroup as group:
-        error = single_error(group, AsyncWeightsError)
+        # One typed error, never a group: OSError, MemoryError and MLX's own errors included.
+        error = typed_error(group, model=model.label)
         if error is None:
             raise
         raise error from error.__cause__

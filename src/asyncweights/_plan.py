@@ -26,7 +26,7 @@ from ._errors import (
     ManifestError,
     QuantizationError,
     UnsupportedDTypeError,
-    single_error,
+    typed_error,
 )
 from ._ggml import DTYPE_BYTES, TARGETS, UNSUPPORTED, outputs
 from ._gguf import GGUFFile, GGUFTensorInfo, read_gguf_header
@@ -209,7 +209,7 @@ async def _read_headers(
             for batch in batches:
                 tg.start_soon(run, batch)
     except BaseExceptionGroup as group:
-        error = single_error(group, AsyncWeightsError)
+        error = typed_error(group, model=model.label)
         if error is None:
             raise
         raise error from error.__cause__

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +79,9 @@ class ModelStore:
 
     Args:
         root: the models root; defaults to ``$OLLAMA_MODELS``, else ``~/.ollama/models``.
+
+    Raises:
+        ManifestError: `root` contains a NUL character.
         runner: which child of an Ollama manifest list to open: ``"mlx"``, ``"ggml"``,
             ``"llamacpp"``; by default the ``mlx`` (safetensors) child, else a GGUF one.
     """
@@ -86,6 +89,12 @@ class ModelStore:
     def __init__(
         self, root: str | os.PathLike[str] | None = None, *, runner: str | None = None
     ) -> None:
+        if root is not None and "\0" in os.fspath(root):
+            # No file can have such a path; the OS would answer with a ValueError.
+            raise ManifestError(
+                "models root path contains a NUL character",
+                path=os.fspath(root).replace("\0", "\\x00"),
+            )
         #: whether the root was given: without one, a manifest path fixes its own store
         self.explicit = root is not None
         self.root = Path(root) if root is not None else default_root()
@@ -144,15 +153,28 @@ class ModelStore:
                 errno=exc.errno,
             ) from exc
 
-    def list_names(self) -> list[ModelName]:
+    def list_names(
+        self, on_error: Callable[[ManifestError], object] | None = None
+    ) -> list[ModelName]:
         """Every model name with a manifest in the store, sorted (blocking; see `models`).
 
         Names from ``manifests-v2`` and ``manifests`` are merged as Ollama lists them: the
-        public host shows as ``registry.ollama.ai`` whichever spelling is on disk.
+        public host shows as ``registry.ollama.ai`` whichever spelling is on disk. A folder
+        or entry that cannot be read (EACCES, a symlink loop) is skipped; the listing goes
+        on, and `on_error`, when given, receives a `ManifestError` for it with its errno.
         """
 
+        errors: list[OSError] = []
+        found = list_entries(self.root, errors)
+        if on_error is not None:
+            for exc in errors:
+                on_error(
+                    ManifestError(
+                        f"cannot list manifests: {exc.strerror}", path=exc.filename, errno=exc.errno
+                    )
+                )
         names = []
-        for entry in list_entries(self.root):
+        for entry in found:
             try:
                 parsed = name_from_parts(*entry.parts, original=str(entry.path))
             except InvalidNameError:
@@ -160,9 +182,15 @@ class ModelStore:
             names.append(parsed)
         return sorted(names, key=str)
 
-    async def models(self) -> AsyncIterator[ModelName]:
-        """Yield the names of the models in the store, sorted."""
-        for name in await anyio.to_thread.run_sync(self.list_names):
+    async def models(
+        self, on_error: Callable[[ManifestError], object] | None = None
+    ) -> AsyncIterator[ModelName]:
+        """Yield the names of the models in the store, sorted.
+
+        Unreadable folders and entries are skipped, never raised; `on_error` (a plain
+        callable, called in a worker thread) receives a `ManifestError` for each.
+        """
+        for name in await anyio.to_thread.run_sync(self.list_names, on_error):
             yield name
 
     async def open(
