@@ -325,3 +325,74 @@ async def test_import_refuses_to_replace_any_layout_without_force(
     assert model.layout == "manifests"
     weights = await aw.load_weights("m", store=store_root)
     assert sorted(weights) == ["w"]
+
+
+async def drain(name: str, store: aw.ModelStore) -> None:
+    async with aw.stream_weights(name, store=store) as tensors:
+        async for _ in tensors:
+            pass
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+async def test_load_stream_and_cache_agree_on_every_model(
+    all_kinds: tuple[Path, dict[str, Any]], name: str
+) -> None:
+    root, built = all_kinds
+    kind = EXPECTED_KINDS[name][0]
+    store = aw.ModelStore(root)
+    if kind in ("tensor", "gguf"):
+        weights = await aw.load_weights(name, store=store)
+        if name in built["built"]:
+            expected = built["built"][name].expected
+            assert sorted(weights) == sorted(expected)
+            for key, array in expected.items():
+                assert mx.array_equal(weights[key], array).item(), key
+        async with aw.stream_weights(name, store=store) as tensors:
+            streamed = {t.name: t.array async for t in tensors}
+        async with aw.WeightCache(store=store) as cache, cache.lease(name) as leased:
+            cached = dict(leased)
+            keys = [e.key.digest for e in cache.entries()]
+        # The cache keys on the runnable document's digest (a list's chosen child, an
+        # anchor's document), never on an anchor file.
+        assert keys == [(await store.open(name)).digest]
+        for other in (streamed, cached):
+            assert sorted(other) == sorted(weights)
+            for key in weights:
+                assert mx.array_equal(other[key], weights[key]).item(), key
+        return
+    error = aw.ManifestError if kind == "unreadable" else aw.UnsupportedModelError
+    with pytest.raises(error) as first:
+        await aw.load_weights(name, store=store)
+    with pytest.raises(error) as second:
+        await drain(name, store)
+    async with aw.WeightCache(store=store) as cache:
+        with pytest.raises(error) as third:
+            async with cache.lease(name):
+                pass
+    assert str(first.value) == str(second.value) == str(third.value)
+
+
+def test_cli_manifest_path_uses_its_own_store(
+    all_kinds: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    root, _ = all_kinds
+    home = tmp_path / "home"
+    home.mkdir()
+    v2 = root / "manifests-v2/ollama.com/library/v2-symlink/latest"
+    env_cli = [sys.executable, "-m", "asyncweights"]
+    environ = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    environ.pop("OLLAMA_MODELS", None)
+    for command in ("load", "verify", "show"):
+        result = subprocess.run(
+            [*env_cli, command, str(v2), "--json"], capture_output=True, text=True,
+            env=environ, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, (command, result.stderr)
+    outside = tmp_path / "manifest-copy"
+    outside.write_bytes(v2.read_bytes())
+    result = subprocess.run(
+        [*env_cli, "load", str(outside)], capture_output=True, text=True, env=environ,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "pass store= (CLI: --store) to say where its blobs are" in result.stderr
