@@ -327,3 +327,20 @@ async def test_listing_merges_both_trees_and_ignores_metadata(
     names = [str(n) for n in aw.ModelStore(store_root).list_names()]
     assert names == ["a:latest", "b:latest", "c:latest"]
     assert not (store_root / "manifests/registry.ollama.ai/library/c/latest").exists()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["m:latest", "LocalHost:5000/NS/Mixed:Tag"])
+async def test_rm_leaves_nothing_of_a_model_in_any_layout(
+    builder: StoreBuilder, store_root: Path, layout: LayoutName, name: str
+) -> None:
+    add(builder, name, layout)
+    removal = await aw.remove_model(name.lower(), store=store_root)  # matched ignoring case
+    assert removal.manifests  # every entry of the name, in both trees
+    assert removal.kept == []
+    assert removal.unreadable == []
+    assert sorted(p.name for p in (store_root / "blobs").iterdir()) == []
+    for tree in ("manifests", "manifests-v2"):
+        folder = store_root / tree
+        assert not folder.exists() or list(folder.iterdir()) == []
+    assert aw.ModelStore(store_root).list_names() == []
