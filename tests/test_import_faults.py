@@ -378,3 +378,42 @@ def test_next_import_sweeps_every_manifest_folder(tmp_path: Path) -> None:
     write_source(tmp_path / "src", 1, [4096])
     anyio.run(lambda: aw.import_model(tmp_path / "src", "m", store=store))
     assert not list(store.rglob(".asyncweights-*"))
+
+
+async def test_roll_back_keeps_a_blob_another_writer_reused_and_drops_its_own_twins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "b"
+    src.mkdir()
+    same = np.arange(1024, dtype=np.float32)
+    tensors = {"a.weight": same, "b.weight": same.copy()}  # one blob, written twice
+    tensors |= {f"c{i}.weight": np.full(1024, i, np.float32) for i in range(4)}
+    save_file(tensors, str(src / "model.safetensors"))
+    # E0 "data" blobs hold no name, so equal tensors share one blob.
+    reference = await aw.import_model(src, "b", store=tmp_path / "ref", layout="data")
+    names = {layer.name: layer.digest for layer in reference.tensor_layers}
+    assert names["a.weight"] == names["b.weight"]
+    twin, taken = names["a.weight"], names["c0.weight"]
+    store = tmp_path / "store"
+    real_fsync = os.fsync
+    calls = [0]
+
+    def fsync(fd: int) -> None:
+        calls[0] += 1
+        # Blob and folder fsyncs: a (2), b, its twin (1), c0 (2), c1's blob and then its
+        # folder: a, c0 and c1 are in place when that fails.
+        if calls[0] == 7:
+            # Another writer reuses c0's blob now (as write_blob does: it touches it).
+            path = store / "blobs" / ("sha256-" + taken[7:])
+            later = path.stat().st_mtime_ns + 10**9
+            os.utime(path, ns=(later, later))
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(aw.StoreWriteError):
+        await aw.import_model(src, "b", store=store, layout="data", limits=aw.Limits(workers=1))
+    monkeypatch.undo()
+    assert calls[0] == 7
+    assert sorted(p.name for p in (store / "blobs").iterdir()) == ["sha256-" + taken[7:]]
+    assert twin != taken

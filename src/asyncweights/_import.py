@@ -100,7 +100,7 @@ def write_quantized(
     params: Quantization,
     *,
     layout: ImportLayout,
-    created: set[str] | None = None,
+    created: dict[str, int] | None = None,
 ) -> list[Layer]:
     """Quantize one weight and write it as Ollama does; return its layers (blocking).
 
@@ -135,7 +135,7 @@ def _import_item(
     params: Quantization | None,
     layout: ImportLayout,
     pipeline: bool,
-    created: set[str],
+    created: dict[str, int],
     tally: _Tally,
     model_quantization: Quantization | None = None,
 ) -> list[Layer]:
@@ -262,7 +262,7 @@ async def import_model(
     started = time.monotonic()
     reporter = ProgressReporter(on_progress, limits.progress_interval, name)
     tally = _Tally()
-    created: set[str] = set()
+    created: dict[str, int] = {}  # digest -> st_mtime_ns when this import made it
     new_dirs = _missing_dirs(root, name)
     total = [0, 0]  # bytes, tensors
 
@@ -273,8 +273,9 @@ async def import_model(
         )  # fmt: skip
 
     async def ticker() -> None:
+        # Bytes move inside worker threads; this reads their tally between tensors too.
         while True:
-            await anyio.sleep(limits.progress_interval)
+            await anyio.sleep(max(limits.progress_interval, 0.01))
             reporter.emit(event("writing"))
 
     try:
@@ -287,7 +288,8 @@ async def import_model(
                 total[:] = [source.total_bytes, len(source.items)]
                 await anyio.to_thread.run_sync(_sweep, root, name)
                 async with anyio.create_task_group() as inner:
-                    inner.start_soon(ticker)
+                    if on_progress is not None:
+                        inner.start_soon(ticker)
                     layers = await _write_items(
                         root, source, params, layout, created, tally, limits, reporter, event
                     )
@@ -344,7 +346,7 @@ async def _write_items(
     source: Source,
     params: Quantization | None,
     layout: ImportLayout,
-    created: set[str],
+    created: dict[str, int],
     tally: _Tally,
     limits: Limits,
     reporter: ProgressReporter,
@@ -433,7 +435,7 @@ def _missing_dirs(root: Path, name: str) -> list[Path]:
     return sorted(missing, key=lambda p: len(p.parts), reverse=True)
 
 
-def _roll_back(root: Path, created: set[str], new_dirs: list[Path]) -> None:
+def _roll_back(root: Path, created: dict[str, int], new_dirs: list[Path]) -> None:
     """Remove the blobs this import made that no manifest references, and its new folders.
 
     A manifest's references are every ``sha256:<hex>`` in its bytes, so even a manifest that
@@ -450,20 +452,25 @@ def _roll_back(root: Path, created: set[str], new_dirs: list[Path]) -> None:
                 except AsyncWeightsError:
                     continue  # a FIFO, a device or a huge file is no manifest
                 referenced.update(_DIGEST.findall(data))
-    for digest in created:
-        if digest.encode() not in referenced:
-            Path(root, "blobs", digest.replace(":", "-")).unlink(missing_ok=True)
+    for digest, mtime_ns in created.items():
+        path = Path(root, "blobs", digest.replace(":", "-"))
+        try:
+            reused = os.stat(path).st_mtime_ns != mtime_ns  # another writer took it since
+        except OSError:
+            continue
+        if digest.encode() not in referenced and not reused:
+            path.unlink(missing_ok=True)
     for path in new_dirs:
         with contextlib.suppress(OSError):  # not empty (another writer uses it), or gone
             path.rmdir()
 
 
-def _write_bytes(root: Path, data: bytes, created: set[str]) -> Any:
+def _write_bytes(root: Path, data: bytes, created: dict[str, int]) -> Any:
     return write_blob(root, [data], created=created)
 
 
 def _write_configs(
-    root: Path, source: Source, qtype: str | None, layout: ImportLayout, created: set[str]
+    root: Path, source: Source, qtype: str | None, layout: ImportLayout, created: dict[str, int]
 ) -> list[Layer]:
     """Write the JSON config layers (blocking); model_index.json rewritten as Ollama does."""
     layers = []

@@ -251,7 +251,7 @@ def write_blob(
     root: StrPath,
     chunks: Iterable[Buffer],
     *,
-    created: set[str] | None = None,
+    created: dict[str, int] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Blob:
     """Write bytes atomically as a content-addressed blob in ``<root>/blobs/``.
@@ -262,8 +262,9 @@ def write_blob(
     removed and no blob appears; an OS error names the file it concerns.
 
     Args:
-        created: receives the digest when this call made a new blob file (so a failed
-            import knows which blobs are its own).
+        created: receives ``digest: st_mtime_ns`` when this call made a new blob file (so a
+            failed import knows its own blobs, and which of them another writer has reused
+            since: reusing an existing blob updates its mtime).
         on_bytes: called with each chunk's length once it is hashed and written.
 
     Returns:
@@ -287,10 +288,17 @@ def write_blob(
             os.fsync(f.fileno())
         blob = Blob("sha256:" + hasher.hexdigest(), size)
         final = blob_path(root, blob.digest)
-        if not final.exists():
+        if final.exists():
+            # Mark the blob as wanted: an import that made it and then fails leaves alone a
+            # blob touched after it wrote it (see `created`).
+            with contextlib.suppress(OSError):
+                os.utime(final)
+                if created is not None and blob.digest in created:  # our own, written twice
+                    created[blob.digest] = os.stat(final).st_mtime_ns
+        else:
             os.replace(tmp_name, final)
             if created is not None:
-                created.add(blob.digest)
+                created[blob.digest] = os.stat(final).st_mtime_ns
             _fsync_dir(blobs)
     return blob
 
@@ -383,7 +391,7 @@ def write_tensor_blob(
     *,
     style: Style,
     metadata: Mapping[str, str] | None = None,
-    created: set[str] | None = None,
+    created: dict[str, int] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Blob:
     """Encode tensors as safetensors and write them atomically as a blob (see `write_blob`)."""
