@@ -22,7 +22,12 @@ from ._errors import LoadError as LoadError
 from ._errors import ManifestError as ManifestError
 from ._errors import ModelExistsError as ModelExistsError
 from ._errors import ModelNotFoundError as ModelNotFoundError
+from ._errors import PreconditionFailedError as PreconditionFailedError
 from ._errors import QuantizationError as QuantizationError
+from ._errors import RegistryAuthError as RegistryAuthError
+from ._errors import RegistryError as RegistryError
+from ._errors import RegistryNotFoundError as RegistryNotFoundError
+from ._errors import RegistryServerError as RegistryServerError
 from ._errors import SizeMismatchError as SizeMismatchError
 from ._errors import SourceError as SourceError
 from ._errors import StoreWriteError as StoreWriteError
@@ -39,6 +44,7 @@ from ._manifest import ManifestRef as ManifestRef
 from ._manifest import ModelConfig as ModelConfig
 from ._names import ModelName as ModelName
 from ._progress import Progress as Progress
+from ._pull import pull as pull
 from ._quant import Quantization as Quantization
 from ._remove import Removal as Removal
 from ._remove import remove_model as remove_model
@@ -75,9 +81,14 @@ __all__ = [
     "ModelName",
     "ModelNotFoundError",
     "ModelStore",
+    "PreconditionFailedError",
     "Progress",
     "Quantization",
     "QuantizationError",
+    "RegistryAuthError",
+    "RegistryError",
+    "RegistryNotFoundError",
+    "RegistryServerError",
     "Removal",
     "SizeMismatchError",
     "SourceError",
@@ -90,6 +101,7 @@ __all__ = [
     "Weights",
     "import_model",
     "load_weights",
+    "pull",
     "remove_model",
     "stream_weights",
 ]

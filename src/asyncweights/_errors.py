@@ -23,6 +23,11 @@ Every error the library raises on purpose derives from `AsyncWeightsError`:
     ├── BudgetError                 a load larger than the configured memory budget
     ├── SourceError                 an import's source is missing, unreadable or refused
     ├── StoreWriteError             writing the store failed (ENOSPC, EIO, EACCES …)
+    ├── RegistryError               a registry request failed (network, protocol, HTTP)
+    │   ├── RegistryAuthError       401 after the token retry, or 403
+    │   ├── RegistryNotFoundError   404: no such repository, tag or blob (a ModelNotFoundError)
+    │   ├── PreconditionFailedError 412: the registry refuses this client (e.g. MLX tags)
+    │   └── RegistryServerError     5xx after every retry
     └── LoadError                   reading or evaluating tensors failed (I/O, callbacks)
 
 Messages are built from the stored fields, so the model, tensor, digest and file a
@@ -52,7 +57,12 @@ __all__ = [
     "ManifestError",
     "ModelExistsError",
     "ModelNotFoundError",
+    "PreconditionFailedError",
     "QuantizationError",
+    "RegistryAuthError",
+    "RegistryError",
+    "RegistryNotFoundError",
+    "RegistryServerError",
     "SizeMismatchError",
     "SourceError",
     "StoreWriteError",
@@ -252,6 +262,59 @@ class StoreWriteError(AsyncWeightsError, OSError):
 
 class LoadError(AsyncWeightsError):
     """Reading or evaluating tensors failed, or a progress callback raised."""
+
+
+class RegistryError(AsyncWeightsError):
+    """A request to a model registry failed: network, timeout, protocol or HTTP status.
+
+    Attributes:
+        registry: the registry's base URL (``https://registry.ollama.ai``).
+        repository: the repository path (``library/qwen3``), if the request concerned one.
+        status: the HTTP status code, if a response came back.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        registry: str,
+        repository: str | None = None,
+        status: int | None = None,
+        model: str | None = None,
+        digest: str | None = None,
+    ) -> None:
+        self.registry = registry
+        self.repository = repository
+        self.status = status
+        super().__init__(reason, model=model, digest=digest)
+
+    def _message(self) -> str:
+        where = [f"registry {self.registry}"]
+        if self.repository is not None:
+            where.append(f"repository {self.repository}")
+        message = super()._message()
+        if message.endswith(")"):
+            return f"{message[:-1]}, {', '.join(where)})"
+        return f"{message} ({', '.join(where)})"
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused the credentials (401 after the token retry) or the access (403)."""
+
+
+class RegistryNotFoundError(RegistryError, ModelNotFoundError):
+    """The registry has no such repository, tag or blob (HTTP 404)."""
+
+
+class PreconditionFailedError(RegistryError):
+    """HTTP 412: the registry refuses this client, e.g. Ollama's MLX tags off macOS.
+
+    The registry's own message is kept in the error's text.
+    """
+
+
+class RegistryServerError(RegistryError):
+    """The registry kept failing with a 5xx status (or 429) through every retry."""
 
 
 def first_error(group: BaseExceptionGroup[AsyncWeightsError]) -> AsyncWeightsError:

@@ -37,6 +37,12 @@ class Limits:
             it wakes; None keeps normal priority.
         max_bytes: refuse a load whose tensors exceed this many bytes, before reading any.
         progress_interval: seconds between progress events (first and last always sent).
+        pull_streams: blob downloads in flight at once while pulling (Ollama's default
+            ``OLLAMA_MAX_TRANSFER_STREAMS`` is 4).
+        registry_timeout: seconds a registry request may wait to connect, or between two
+            reads of a response, before it is retried.
+        registry_retries: attempts after the first for a failed registry request or a blob
+            download that broke off (resumed where it stopped), with exponential backoff.
 
     Caps on untrusted metadata, each far above any real model and checked before the
     bytes are decoded (the error names the cap):
@@ -69,6 +75,9 @@ class Limits:
     max_header_bytes: int = 64 * MiB
     max_tensors: int = 262_144
     max_name_bytes: int = 4096
+    pull_streams: int = 4
+    registry_timeout: float = 30.0
+    registry_retries: int = 5
 
     def __post_init__(self) -> None:
         for name in (
@@ -83,6 +92,7 @@ class Limits:
             "max_header_bytes",
             "max_tensors",
             "max_name_bytes",
+            "pull_streams",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be at least 1")
@@ -90,5 +100,9 @@ class Limits:
             raise ValueError("Limits.buffered_groups must not be negative")
         if self.max_bytes is not None and self.max_bytes < 0:
             raise ValueError("Limits.max_bytes must not be negative")
+        if self.registry_timeout <= 0:
+            raise ValueError("Limits.registry_timeout must be positive")
+        if self.registry_retries < 0:
+            raise ValueError("Limits.registry_retries must not be negative")
         if self.progress_interval < 0:
             raise ValueError("Limits.progress_interval must not be negative")

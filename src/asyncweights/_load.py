@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from ._manifest import Manifest
 from ._names import ModelName
 from ._plan import BlobPlan, Plan, PlannedTensor, make_plan
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
+from ._pull import PullSession, open_session, run_pull
 from ._read import read_direct, read_gguf, read_lazy, verify_file
 from ._store import Model, ModelStore
 from ._weights import Tensor, TensorInfo, Weights
@@ -60,6 +61,8 @@ async def load_weights(
     verify: bool = False,
     on_progress: ProgressCallback | None = None,
     limits: Limits | None = None,
+    pull: bool = False,
+    registry: str | None = None,
 ) -> Weights:
     """Load the tensors of one component of a model into evaluated MLX arrays.
 
@@ -75,6 +78,12 @@ async def load_weights(
         verify: check each blob's SHA-256 against its digest while loading.
         on_progress: a plain or async callable receiving `Progress` events.
         limits: memory, file and thread bounds; see `Limits`.
+        pull: fetch the model from its registry while loading (see `pull`): the load is
+            planned as soon as the manifest and the blob headers arrive, and each group is
+            read as soon as its blobs are verified and committed to the store. The call
+            returns once the whole model is in the store. `model` must be a name.
+        registry: with `pull`, the base URL to fetch from instead of the name's host
+            (``http://`` only when spelled so).
 
     Returns:
         The tensors, with per-tensor facts in ``weights.info``.
@@ -86,10 +95,9 @@ async def load_weights(
     arrays: dict[str, mx.array] = {}
     info: dict[str, TensorInfo] = {}
     try:
-        async with _pipeline(model, component, store, dtype, verify, on_progress, limits) as (
-            plan,
-            groups,
-        ):
+        async with _pipeline(
+            model, component, store, dtype, verify, on_progress, limits, pull, registry
+        ) as (plan, groups):
             await _collect(groups, arrays, info)
     except BaseException as exc:
         # A traceback that outlives the load (asyncio keeps some) must not pin its arrays.
@@ -127,17 +135,20 @@ async def stream_weights(
     verify: bool = False,
     on_progress: ProgressCallback | None = None,
     limits: Limits | None = None,
+    pull: bool = False,
+    registry: str | None = None,
 ) -> AsyncIterator[AsyncIterator[Tensor]]:
     """Stream a model's tensors, already evaluated, as their groups finish.
 
     Use as ``async with stream_weights(...) as tensors: async for t in tensors: ...``.
     Memory in flight is bounded by `Limits`; leaving the block early cancels the load and
-    frees its files, threads and buffers. Arguments are those of `load_weights`.
+    frees its files, threads and buffers (and, with `pull`, stops the download, keeping
+    what was verified and the partial blob for a resume). Arguments are those of
+    `load_weights`; with `pull` the first tensors arrive while the download goes on.
     """
-    async with _pipeline(model, component, store, dtype, verify, on_progress, limits) as (
-        _,
-        groups,
-    ):
+    async with _pipeline(
+        model, component, store, dtype, verify, on_progress, limits, pull, registry
+    ) as (_, groups):
         tensors = _Tensors(groups)
         try:
             yield tensors
@@ -205,31 +216,45 @@ async def _pipeline(
     verify: bool,
     on_progress: ProgressCallback | None,
     limits: Limits | None,
+    pull: bool = False,
+    registry: str | None = None,
 ) -> AsyncIterator[tuple[Plan, _Groups]]:
     limits = limits or Limits()
     started = time.monotonic()
-    try:
-        model = await open_model(model_ref, store, limits)
-    except Exception as exc:
-        if isinstance(exc, AsyncWeightsError):
-            raise
-        error = as_typed(exc)
-        assert error is not None
-        raise error from exc
-    reporter = ProgressReporter(on_progress, limits.progress_interval, model.label)
+    session: PullSession | None = None
+    if pull:
+        session = open_session(model_ref, store, registry, limits, verify)
+        label = session.label
+    else:
+        try:
+            model = await open_model(model_ref, store, limits)
+        except Exception as exc:
+            if isinstance(exc, AsyncWeightsError):
+                raise
+            error = as_typed(exc)
+            assert error is not None
+            raise error from exc
+        label = model.label
+    reporter = ProgressReporter(on_progress, limits.progress_interval, label)
     send, receive = anyio.create_memory_object_stream[_Loaded](limits.buffered_groups)
     consumer_error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(reporter.run)
             try:
-                plan = await make_plan(model, component, limits)
+                if session is not None:
+                    session.reporter = reporter
+                    model = await tg.start(run_pull, session, component)
+                plan = await make_plan(
+                    model, component, limits, heads=None if session is None else session.heads
+                )
             except BaseException:
                 reporter.close(None)
                 raise
             groups = _Groups(plan, receive, reporter, started)
             reporter.emit(groups.event("planning"), force=True)
-            tg.start_soon(_produce, plan, dtype, verify, limits, send)
+            wait = None if session is None else session.wait
+            tg.start_soon(_produce, plan, dtype, verify, limits, send, wait)
             try:
                 yield plan, groups
             except Exception as exc:
@@ -243,7 +268,7 @@ async def _pipeline(
                     reporter.close(None)
     except BaseExceptionGroup as group:
         # One typed error, never a group: OSError, MemoryError and MLX's own errors included.
-        error = typed_error(group, model=model.label)
+        error = typed_error(group, model=label)
         if error is None:
             raise
         raise error from error.__cause__
@@ -338,6 +363,7 @@ async def _produce(
     verify: bool,
     limits: Limits,
     send: MemoryObjectSendStream[_Loaded],
+    wait: Callable[[list[str]], Awaitable[None]] | None = None,
 ) -> None:
     indices = iter(range(len(plan.groups)))
     readers = _reader_threads(limits.reader_nice)
@@ -352,6 +378,8 @@ async def _produce(
             # its last return value alive, and a cancelled load must not pin a group.
             box: list[_Loaded] = []
             try:
+                if wait is not None:  # pulling: the group's blobs must be committed first
+                    await wait([blob.digest for blob in plan.groups[index]])
                 await anyio.to_thread.run_sync(load, index, box)
                 await send.send(box[0])
             finally:

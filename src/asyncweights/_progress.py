@@ -16,7 +16,7 @@ from ._errors import LoadError
 
 __all__ = ["Progress", "ProgressCallback"]
 
-Phase = Literal["planning", "loading", "verifying", "writing", "done"]
+Phase = Literal["planning", "pulling", "loading", "verifying", "writing", "done"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,13 +25,17 @@ class Progress:
 
     Attributes:
         phase: ``"planning"`` (headers), ``"loading"`` or ``"done"`` (the final event);
-            an import reports ``"writing"`` instead of ``"loading"``.
+            an import reports ``"writing"`` instead of ``"loading"``; a pull reports
+            ``"pulling"`` (the manifest, each blob, then writing the manifest).
         completed_bytes, total_bytes: tensor bytes evaluated so far, and in all (for an
             import: source tensor bytes hashed and written to the store).
         completed_tensors, total_tensors: tensors evaluated so far, and in all.
+            While pulling: blob bytes and blobs in the store so far, and in all.
         elapsed: seconds since the load started.
         tensor: the last tensor finished, if any.
         model: the model as the caller named it.
+        digest: while pulling, the blob this event is about (None for the manifest).
+        digest_completed, digest_total: bytes of that blob in the store, and its size.
     """
 
     phase: Phase
@@ -42,6 +46,9 @@ class Progress:
     elapsed: float
     tensor: str | None = None
     model: str = ""
+    digest: str | None = None
+    digest_completed: int = 0
+    digest_total: int = 0
 
     @property
     def fraction(self) -> float:
@@ -51,7 +58,21 @@ class Progress:
         return self.completed_bytes / self.total_bytes
 
     def to_ollama(self) -> dict[str, Any]:
-        """The event in Ollama's pull-progress shape: status, digest, total, completed."""
+        """The event in Ollama's pull-progress shape: status, digest, total, completed.
+
+        Pull events read as Ollama's own (``server/download.go``): ``pulling manifest``,
+        ``pulling <12 hex>`` per blob with its digest and bytes, ``writing manifest``.
+        """
+        if self.phase == "pulling":
+            if self.digest is None:  # before the blobs, or once every blob is in
+                done = 0 < self.total_tensors == self.completed_tensors
+                return {"status": "writing manifest" if done else "pulling manifest"}
+            return {
+                "status": f"pulling {self.digest[7:19]}",
+                "digest": self.digest,
+                "total": self.digest_total,
+                "completed": self.digest_completed,
+            }
         status = {"planning": "pulling manifest", "done": "success"}.get(
             self.phase,
             f"{'writing' if self.phase == 'writing' else 'loading'} {self.model}".strip(),

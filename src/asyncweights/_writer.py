@@ -98,6 +98,8 @@ _MLX_DTYPE_NAMES: Mapping[mx.Dtype, str] = {
 _DEFAULT_HOST = "registry.ollama.ai"
 _DEFAULT_NAMESPACE = "library"
 _DEFAULT_TAG = "latest"
+_PUBLIC_HOSTS = frozenset({"registry.ollama.ai", "ollama.com"})
+_V2_PUBLIC_HOST = "ollama.com"
 _HEX_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _TEMP_SUFFIX = ".tmp"
 #: Every temporary file this package writes starts with this, then ``<pid>-``.
@@ -453,6 +455,23 @@ def manifest_path(root: StrPath, name: str) -> Path:
     Defaults fill host, namespace and tag (FORMAT.md §1.4); no validation is done, so tests can
     write odd names on purpose.
     """
+    return Path(root, "manifests", *_name_parts(name))
+
+
+def manifest_v2_path(root: StrPath, name: str) -> Path:
+    """Where Ollama 0.40 links a name: ``<root>/manifests-v2/<host>/<ns>/<model>/<tag>``.
+
+    The public host is spelled ``ollama.com`` (``registry.ollama.ai`` is the same host) and a
+    ``:`` in the host is written ``%3A`` (Ollama ``manifest/paths.go`` ``V2PathForName``,
+    ``encodeV2ManifestHost``, PR #16590).
+    """
+    host, namespace, model, tag = _name_parts(name)
+    if host.lower() in _PUBLIC_HOSTS:
+        host = _V2_PUBLIC_HOST
+    return Path(root, "manifests-v2", host.replace(":", "%3A"), namespace, model, tag)
+
+
+def _name_parts(name: str) -> tuple[str, str, str, str]:
     tag = _DEFAULT_TAG
     colon, slash = name.rfind(":"), name.rfind("/")
     if colon > slash:
@@ -462,7 +481,7 @@ def manifest_path(root: StrPath, name: str) -> Path:
         parts = ["/".join(parts[:-2]), *parts[-2:]]
     host, namespace, model = [_DEFAULT_HOST, _DEFAULT_NAMESPACE][: 3 - len(parts)] + parts
     host = host.split("://", 1)[-1]
-    return Path(root, "manifests", host, namespace, model, tag)
+    return host, namespace, model, tag
 
 
 def write_manifest(root: StrPath, name: str, manifest: Mapping[str, Any] | bytes) -> Path:
@@ -501,3 +520,73 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_pulled_manifest(
+    root: StrPath,
+    name: str,
+    data: bytes,
+    *,
+    list_data: bytes | None = None,
+    list_media_type: str | None = None,
+) -> Path:
+    """Write a pulled manifest the way Ollama 0.40 does, each step atomic, in this order.
+
+    1. The manifest bytes (and the list's, if the tag named one) as blobs.
+    2. ``manifests-v2/<host>/<ns>/<model>/<tag>``: a relative symlink to the list's blob if
+       any, else the manifest's (``../../../../blobs/sha256-<hex>``); a hard link where
+       symlinks are refused, else a copy (``manifest/manifest.go`` ``linkManifest``).
+    3. The legacy ``manifests/…`` file: the runnable manifest with the manifest documents
+       appended as layers, so an older daemon's garbage collection keeps them
+       (``WriteLegacyAnchor``).
+
+    A reader sees either the previous model or the whole new one: every blob is in place
+    before the first name points at it.
+
+    Returns:
+        the v2 path.
+    """
+    manifest = write_blob(root, [data])
+    anchor_layers = []
+    target = manifest
+    if list_data is not None:
+        listed = write_blob(root, [list_data])
+        target = listed
+        anchor_layers.append(
+            {"mediaType": list_media_type or "", "digest": listed.digest, "size": listed.size}
+        )
+    anchor_layers.append(
+        {"mediaType": MANIFEST_MEDIA_TYPE, "digest": manifest.digest, "size": manifest.size}
+    )
+    v2 = manifest_v2_path(root, name)
+    _link_manifest(root, v2, target.digest)
+    doc = msgspec.json.decode(data)
+    if not isinstance(doc, dict):
+        raise ValueError("a manifest must be a JSON object")
+    doc["layers"] = [*doc.get("layers", []), *anchor_layers]
+    write_manifest(root, name, _encoder.encode(doc))
+    return v2
+
+
+def _link_manifest(root: StrPath, path: Path, digest: str) -> None:
+    """Point ``path`` at a manifest blob atomically: symlink, else hard link, else copy."""
+    blob = blob_path(root, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(blob, path.parent)
+    tmp = path.parent / f".{path.name}-{os.urandom(6).hex()}{_TEMP_SUFFIX}"
+    try:
+        try:
+            os.symlink(target, tmp)
+        except OSError:
+            try:
+                os.link(blob, tmp)
+            except OSError:
+                with open(tmp, "wb") as f:
+                    f.write(blob.read_bytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,506 @@
+"""Pulling from registries: Debian's docker-registry for real, and a fake for what it cannot do.
+
+Every pulled model is checked bit-exact against what the store builder wrote, blob files
+byte-for-byte against the source store, and the store layout against Ollama 0.40's
+(``manifests-v2`` symlink to the manifest blob, legacy anchor with the manifest layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import mlx.core as mx
+import pytest
+
+import asyncweights as aw
+from asyncweights._pull import partial_path
+from asyncweights.testing import BuiltModel, StoreBuilder, random_weights
+
+from .conftest import blob_fds, wait_quiet
+from .registry_support import FakeRegistry, RealRegistry, fake_registry, registry_missing
+
+KiB = 1 << 10
+OLLAMA_LIST = "application/vnd.ollama.manifest.list.v2+json"
+MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def _image_model(builder: StoreBuilder, name: str, blocks: int, seed: int) -> BuiltModel:
+    shapes: dict[str, tuple[int, ...]] = {
+        f"transformer/blocks.{i}.weight": (32, 256) for i in range(blocks)
+    }
+    shapes["transformer/norm.weight"] = (256,)
+    shapes.update({f"vae/conv.{i}.weight": (16, 16) for i in range(3)})
+    return builder.add_model(
+        name,
+        random_weights(shapes, seed=seed),
+        configs={"model_index.json": {"_class_name": "ZImagePipeline"}},
+    )
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, BuiltModel]]:
+    """A source store with the models the registries serve."""
+    root = tmp_path_factory.mktemp("source") / "store"
+    builder = StoreBuilder(root)
+    models = {
+        "img": _image_model(builder, "img", 12, seed=1),
+        "q4": builder.add_model(
+            "q4",
+            random_weights({"layers.0.mlp.weight": (64, 128), "embed.weight": (32, 64)}, seed=2),
+            quantize="int4",
+        ),
+        "slow": _image_model(builder, "slow", 24, seed=3),
+    }
+    return root, models
+
+
+@pytest.fixture(scope="module")
+def real_registry(
+    tmp_path_factory: pytest.TempPathFactory, source: tuple[Path, dict[str, BuiltModel]]
+) -> Iterator[RealRegistry]:
+    reason = registry_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    root, models = source
+    with RealRegistry.start(tmp_path_factory.mktemp("registry")) as registry:
+        for name, built in models.items():
+            registry.push(root, built.path, f"library/{name}", "latest")
+        yield registry
+
+
+@pytest.fixture
+def fake(
+    source: tuple[Path, dict[str, BuiltModel]],
+) -> Iterator[tuple[FakeRegistry, FakeRegistry]]:
+    root, models = source
+    with fake_registry() as (registry, cdn):
+        for name, built in models.items():
+            registry.add_store_model(root, built.path, f"library/{name}", "latest")
+        yield registry, cdn
+
+
+def assert_same(got: dict[str, mx.array] | aw.Weights, expected: dict[str, mx.array]) -> None:
+    assert sorted(got) == sorted(expected)
+    for name, array in expected.items():
+        assert got[name].dtype == array.dtype, name
+        assert mx.array_equal(got[name], array).item(), name
+
+
+def assert_layout(store: Path, source_root: Path, built: BuiltModel, name: str) -> None:
+    """Ollama 0.40's layout: blobs byte-equal to the source, v2 link, legacy anchor."""
+    data = built.path.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    v2 = store / "manifests-v2" / "ollama.com" / "library" / name / "latest"
+    assert v2.is_symlink()
+    assert os.readlink(v2) == f"../../../../blobs/{digest.replace(':', '-')}"
+    assert v2.read_bytes() == data
+    anchor = json.loads(
+        (store / "manifests/registry.ollama.ai/library" / name / "latest").read_bytes()
+    )
+    source_doc = json.loads(data)
+    assert anchor["config"] == source_doc["config"]
+    assert anchor["layers"] == [
+        *source_doc["layers"],
+        {"mediaType": MANIFEST_V2, "digest": digest, "size": len(data)},
+    ]
+    for layer in [source_doc["config"], *source_doc["layers"]]:
+        file = layer["digest"].replace(":", "-")
+        assert (store / "blobs" / file).read_bytes() == (source_root / "blobs" / file).read_bytes()
+    leftovers = [p.name for p in (store / "blobs").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+# ----------------------------------------------------------------------------- real registry
+
+
+async def test_pull_from_docker_registry_then_load_bit_exact(
+    real_registry: RealRegistry, source: tuple[Path, dict[str, BuiltModel]], tmp_path: Path
+) -> None:
+    root, models = source
+    store = tmp_path / "store"
+    events: list[aw.Progress] = []
+    model = await aw.pull("img", store=store, registry=real_registry.url, on_progress=events.append)
+    assert model.label == "img"
+    assert_layout(store, root, models["img"], "img")
+    weights = await aw.load_weights("img", store=store)
+    assert_same(weights, models["img"].expected)
+    assert events[0].to_ollama() == {"status": "pulling manifest"}
+    assert events[-2].to_ollama() == {"status": "writing manifest"}
+    assert events[-1].phase == "done"
+    layers = [models["img"].config, *models["img"].layers]
+    total = sum({layer.digest: layer.size for layer in layers}.values())
+    assert (events[-1].completed_bytes, events[-1].total_bytes) == (total, total)
+
+
+async def test_pull_quantized_model_from_docker_registry(
+    real_registry: RealRegistry, source: tuple[Path, dict[str, BuiltModel]], tmp_path: Path
+) -> None:
+    root, models = source
+    store = tmp_path / "store"
+    await aw.pull("q4:latest", store=store, registry=real_registry.url)
+    assert_layout(store, root, models["q4"], "q4")
+    weights = await aw.load_weights("q4", store=store)
+    assert_same(weights, models["q4"].expected)
+    assert weights.quantization is not None
+    assert weights.quantization.type == "int4"
+
+
+async def test_load_with_pull_from_docker_registry(
+    real_registry: RealRegistry, source: tuple[Path, dict[str, BuiltModel]], tmp_path: Path
+) -> None:
+    root, models = source
+    store = tmp_path / "store"
+    weights = await aw.load_weights(
+        "img", "transformer", store=store, pull=True, registry=real_registry.url
+    )
+    assert_same(weights, models["img"].component("transformer"))
+    assert_layout(store, root, models["img"], "img")  # the other components too
+
+
+async def test_stream_with_pull_from_docker_registry(
+    real_registry: RealRegistry, source: tuple[Path, dict[str, BuiltModel]], tmp_path: Path
+) -> None:
+    _, models = source
+    store = tmp_path / "store"
+    got: dict[str, mx.array] = {}
+    async with aw.stream_weights(
+        "img", "vae", store=store, pull=True, registry=real_registry.url
+    ) as tensors:
+        async for tensor in tensors:
+            got[tensor.name] = tensor.array
+    assert_same(got, models["img"].component("vae"))
+
+
+async def test_pull_missing_tag_is_registry_not_found(
+    real_registry: RealRegistry, tmp_path: Path
+) -> None:
+    with pytest.raises(aw.RegistryNotFoundError) as caught:
+        await aw.pull("img:nope", store=tmp_path / "store", registry=real_registry.url)
+    assert isinstance(caught.value, aw.ModelNotFoundError)
+    assert caught.value.status == 404
+    assert str(caught.value) == (
+        "HTTP 404 Not Found for the manifest: manifest unknown "
+        f"(model 'img:nope', registry {real_registry.url}, repository library/img)"
+    )
+    assert not (tmp_path / "store" / "manifests").exists()
+
+
+async def test_repull_downloads_nothing_and_verify_replaces_a_damaged_blob(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    store = tmp_path / "store"
+    await aw.pull("q4", store=store, registry=registry.url)
+    first = len(registry.requests)
+    await aw.pull("q4", store=store, registry=registry.url)
+    assert [r[0] for r in registry.requests[first:]] == ["manifest"]
+    # Same size, wrong bytes: trusted as Ollama trusts it, unless verify=True.
+    layer = models["q4"].layers[0]
+    blob = store / "blobs" / layer.digest.replace(":", "-")
+    damaged = bytearray(blob.read_bytes())
+    damaged[-1] ^= 0xFF
+    blob.write_bytes(bytes(damaged))
+    second = len(registry.requests)
+    await aw.pull("q4", store=store, registry=registry.url)
+    assert len(registry.requests) == second + 1
+    await aw.pull("q4", store=store, registry=registry.url, verify=True)
+    assert [r[1] for r in registry.requests[second + 1 :]] == [
+        "/v2/library/q4/manifests/latest",
+        f"/v2/library/q4/blobs/{layer.digest}",
+    ]
+    assert_layout(store, root, models["q4"], "q4")
+
+
+# ------------------------------------------------------------------------------ fake registry
+
+
+async def test_redirect_to_another_host_never_carries_the_token(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, cdn = fake
+    root, models = source
+    registry.token = "s3cret"
+    registry.redirect_to = cdn.url
+    store = tmp_path / "store"
+    await aw.pull("img", store=store, registry=registry.url)
+    assert_layout(store, root, models["img"], "img")
+    kinds = [kind for kind, _, _ in registry.requests]
+    assert kinds[:3] == ["manifest", "token", "manifest"]
+    assert registry.requests[0][2].get("authorization") is None
+    assert all(h.get("authorization") == "Bearer s3cret" for k, _, h in registry.requests[2:])
+    blobs = {p.rsplit("/", 1)[1] for _, p, _ in cdn.requests}
+    assert blobs == {layer.digest for layer in [models["img"].config, *models["img"].layers]}
+    assert all("authorization" not in headers for _, _, headers in cdn.requests)
+
+
+async def test_bearer_token_refused_is_an_auth_error(
+    fake: tuple[FakeRegistry, FakeRegistry], tmp_path: Path
+) -> None:
+    registry, _ = fake
+    registry.token = "s3cret"
+    registry.issued_token = "expired"  # handed out, then refused: one retry only
+    with pytest.raises(aw.RegistryAuthError) as caught:
+        await aw.pull("q4", store=tmp_path / "store", registry=registry.url)
+    assert caught.value.status == 401
+    assert "authentication required" in str(caught.value)
+    assert [k for k, _, _ in registry.requests] == ["manifest", "token", "manifest"]
+
+
+async def test_ollama_manifest_list_resolves_to_the_mlx_child(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    _, models = source
+    child = models["q4"].path.read_bytes()
+    child_digest = "sha256:" + hashlib.sha256(child).hexdigest()
+    other = "sha256:" + "ab" * 32
+    listing = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OLLAMA_LIST,
+            "manifests": [
+                {"mediaType": MANIFEST_V2, "digest": other, "runner": "llamacpp", "format": "gguf"},
+                {
+                    "mediaType": MANIFEST_V2,
+                    "digest": child_digest,
+                    "runner": "mlx",
+                    "format": "safetensors",
+                },
+            ],
+        }
+    ).encode()
+    registry.add_manifest("library/multi", "latest", listing, OLLAMA_LIST)
+    registry.blobs[child_digest] = child  # Ollama fetches list children as blobs
+    store = tmp_path / "store"
+    await aw.pull("multi", store=store, registry=registry.url)
+    list_digest = "sha256:" + hashlib.sha256(listing).hexdigest()
+    v2 = store / "manifests-v2/ollama.com/library/multi/latest"
+    assert os.readlink(v2) == f"../../../../blobs/{list_digest.replace(':', '-')}"
+    assert (store / "blobs" / child_digest.replace(":", "-")).read_bytes() == child
+    anchor = json.loads((store / "manifests/registry.ollama.ai/library/multi/latest").read_bytes())
+    assert anchor["layers"][-2:] == [
+        {"mediaType": OLLAMA_LIST, "digest": list_digest, "size": len(listing)},
+        {"mediaType": MANIFEST_V2, "digest": child_digest, "size": len(child)},
+    ]
+    weights = await aw.load_weights("multi", store=store)
+    assert_same(weights, models["q4"].expected)
+
+
+async def test_manifest_list_without_mlx_child(
+    fake: tuple[FakeRegistry, FakeRegistry], tmp_path: Path
+) -> None:
+    registry, _ = fake
+    listing = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OLLAMA_LIST,
+            "manifests": [
+                {"mediaType": MANIFEST_V2, "digest": "sha256:" + "cd" * 32, "runner": "ggml"}
+            ],
+        }
+    ).encode()
+    registry.add_manifest("library/gguf", "latest", listing, OLLAMA_LIST)
+    with pytest.raises(aw.ManifestError) as caught:
+        await aw.pull("gguf", store=tmp_path / "store", registry=registry.url)
+    assert str(caught.value) == (
+        "no compatible manifest in the list (runners: ggml) (model 'gguf')"
+    )
+
+
+async def test_412_is_a_precondition_error_with_the_registry_message(
+    fake: tuple[FakeRegistry, FakeRegistry], tmp_path: Path
+) -> None:
+    registry, _ = fake
+    registry.manifest_status = (412, "this model requires macOS")
+    store = tmp_path / "store"
+    with pytest.raises(aw.PreconditionFailedError) as caught:
+        await aw.pull("img:mlx", store=store, registry=registry.url)
+    assert str(caught.value) == (
+        "HTTP 412 Precondition Failed for the manifest: this model requires macOS "
+        f"(model 'img:mlx', registry {registry.url}, repository library/img)"
+    )
+    assert (caught.value.registry, caught.value.repository) == (registry.url, "library/img")
+    assert not store.exists()
+
+
+async def test_server_errors_are_retried_then_raised(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    layer = models["q4"].layers[0]
+    registry.fail_first[layer.digest] = 2
+    await aw.pull("q4", store=tmp_path / "a", registry=registry.url)
+    assert_layout(tmp_path / "a", root, models["q4"], "q4")
+    registry.fail_first[layer.digest] = 10
+    with pytest.raises(aw.RegistryServerError) as caught:
+        await aw.pull(
+            "q4", store=tmp_path / "b", registry=registry.url, limits=aw.Limits(registry_retries=1)
+        )
+    assert caught.value.status == 503
+    assert caught.value.digest == layer.digest
+    assert str(caught.value).startswith("HTTP 503 Service Unavailable for the blob")
+    assert not (tmp_path / "b" / "manifests").exists()
+
+
+async def test_connection_dropped_mid_blob_resumes_with_range(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    registry.chunk = 4 * KiB
+    layer = max(models["img"].layers, key=lambda layer: layer.size)
+    registry.drop_after[layer.digest] = 12 * KiB
+    store = tmp_path / "store"
+    await aw.pull("img", store=store, registry=registry.url)
+    assert_layout(store, root, models["img"], "img")
+    ranges = [h.get("range") for k, p, h in registry.requests if p.endswith(layer.digest)]
+    assert ranges == [None, f"bytes={12 * KiB}-"]
+
+
+async def test_wrong_bytes_are_a_digest_mismatch_and_nothing_is_kept(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    _, models = source
+    layer = models["img"].layers[2]
+    good = registry.blobs[layer.digest]
+    registry.wrong[layer.digest] = good[:-1] + bytes([good[-1] ^ 1])
+    store = tmp_path / "store"
+    with pytest.raises(aw.DigestMismatchError) as caught:
+        await aw.pull("img", store=store, registry=registry.url)
+    bad = "sha256:" + hashlib.sha256(registry.wrong[layer.digest]).hexdigest()
+    assert str(caught.value) == (
+        f"registry {registry.url} sent bytes with sha256 {bad}; nothing kept "
+        f"(model 'img', tensor {layer.name!r}, blob {layer.digest})"
+    )
+    assert not (store / "blobs" / layer.digest.replace(":", "-")).exists()
+    assert not partial_path(aw.ModelStore(store), layer.digest).exists()
+    assert not (store / "manifests").exists()
+    assert not (store / "manifests-v2").exists()
+
+
+async def test_plain_http_only_on_explicit_request(tmp_path: Path) -> None:
+    with pytest.raises(aw.InvalidNameError) as caught:
+        await aw.pull("img", store=tmp_path, registry="ftp://127.0.0.1:1")
+    assert "must be http:// or https://" in str(caught.value)
+    with pytest.raises(aw.InvalidNameError):
+        await aw.load_weights(str(tmp_path / "manifest"), store=tmp_path, pull=True)
+
+
+# ------------------------------------------------------------------------------------ overlap
+
+
+async def test_first_tensor_arrives_before_the_pull_ends(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    registry.chunk = 2 * KiB
+    registry.delay = 0.002  # 16 KiB blobs: about 16 ms each, 4 at a time
+    store = tmp_path / "store"
+    link = store / "manifests-v2/ollama.com/library/slow/latest"
+    got: dict[str, mx.array] = {}
+    missing_at_first: list[int] = []
+    # Groups of one blob: a group is read once all its blobs are in the store.
+    limits = aw.Limits(group_bytes=32 * KiB)
+    async with aw.stream_weights(
+        "slow", "transformer", store=store, pull=True, registry=registry.url, limits=limits
+    ) as tensors:
+        async for tensor in tensors:
+            if not got:
+                assert not link.exists()  # the manifest is written last
+                missing_at_first.append(
+                    sum(
+                        not (store / "blobs" / layer.digest.replace(":", "-")).exists()
+                        for layer in models["slow"].layers
+                    )
+                )
+            got[tensor.name] = tensor.array
+    assert missing_at_first[0] > len(models["slow"].layers) // 2
+    assert_same(got, models["slow"].component("transformer"))
+    assert_layout(store, root, models["slow"], "slow")
+
+
+@pytest.mark.parametrize("stage", ["manifest", "heads", "blobs", "first-tensor", "late"])
+async def test_cancel_at_every_stage_then_resume_bit_exact(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+    stage: str,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    registry.chunk = 2 * KiB
+    registry.delay = 0.01  # 16 KiB blobs: about 80 ms each, 4 at a time
+    store = tmp_path / "store"
+    built = models["slow"]
+    seen = anyio.Event()
+
+    async def on_progress(event: aw.Progress) -> None:
+        if stage == "manifest" or (stage == "heads" and event.phase == "planning"):
+            seen.set()
+        if stage == "blobs" and event.phase == "pulling" and event.completed_bytes > 64 * KiB:
+            seen.set()
+
+    with anyio.move_on_after(30) as scope:
+        async with aw.stream_weights(
+            "slow",
+            "transformer",
+            store=store,
+            pull=True,
+            registry=registry.url,
+            on_progress=on_progress,
+            limits=aw.Limits(group_bytes=32 * KiB),
+        ) as tensors:
+            count = 0
+            async with anyio.create_task_group() as tg:
+
+                async def cancel_when_seen() -> None:
+                    await seen.wait()
+                    scope.cancel()
+
+                tg.start_soon(cancel_when_seen)
+                async for _ in tensors:
+                    count += 1
+                    if stage == "first-tensor" or (stage == "late" and count == 6):
+                        scope.cancel()
+    assert scope.cancelled_caught
+    wait_quiet(store)
+    assert blob_fds(store) == []
+    blobs = store / "blobs"
+    names = sorted(p.name for p in blobs.iterdir()) if blobs.exists() else []
+    digests = {layer.digest for layer in [built.config, *built.layers]}
+    for name in names:
+        if name.startswith("."):
+            assert name.endswith(".partial"), name  # only resumable partials are left
+            continue
+        digest = name.replace("-", ":")
+        assert digest in digests
+        source_blob = (root / "blobs" / name).read_bytes()
+        assert (blobs / name).read_bytes() == source_blob  # only verified blobs are named
+    assert not (store / "manifests-v2").exists()
+    registry.delay = 0.0
+    weights = await aw.load_weights("slow", store=store, pull=True, registry=registry.url)
+    assert_same(weights, built.expected)
+    assert_layout(store, root, built, "slow")
