@@ -3,11 +3,18 @@
     pip install 'asyncweights[server]'
     python examples/server.py --store ~/.ollama/models --port 8000
     curl -N localhost:8000/load -d '{"model": "z-image", "component": "vae"}'
+    curl -N localhost:8000/pull -d '{"model": "z-image", "registry": "http://127.0.0.1:5000"}'
 
 Endpoints:
     POST   /load           {"model", "component"?}: load into the cache (or join the load in
                            flight); progress streams back as Server-Sent Events in Ollama's
                            pull-progress shape, ending with {"status": "success"} or {"error"}.
+    POST   /pull           {"model", "registry"?, "insecure"?}: pull the model from its
+                           registry into the store; Ollama's pull progress (per blob:
+                           "pulling <digest>", total, completed; "writing manifest") streams
+                           back as Server-Sent Events, ending with {"status": "success"} or
+                           {"error"}. A client that disconnects cancels its pull (verified
+                           blobs and the partial download stay for the next pull).
     GET    /models         the cache's entries, the store's models, and the cache's counters.
     DELETE /models/{name}  evict the unleased entries of a model.
     GET    /health         liveness and counters; answers at once while loads run.
@@ -21,12 +28,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -52,13 +61,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with aw.WeightCache(max_bytes, store=store, limits=limits) as cache:
+        async with (
+            aw.WeightCache(max_bytes, store=store, limits=limits) as cache,
+            anyio.create_task_group() as tg,
+        ):
             app.state.cache = cache
+            app.state.pulls = tg  # pulls run here: a response cannot own a task group
             yield
+            tg.cancel_scope.cancel()
 
     return Starlette(
         routes=[
             Route("/load", load, methods=["POST"]),
+            Route("/pull", pull, methods=["POST"]),
             Route("/models", list_models, methods=["GET"]),
             Route("/models/{name:path}", delete_model, methods=["DELETE"]),
             Route("/health", health, methods=["GET"]),
@@ -89,6 +104,60 @@ async def load(request: Request) -> Response:
                     yield _sse(event.to_ollama())
         except aw.AsyncWeightsError as exc:
             yield _sse({"error": str(exc)})
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+    )
+
+
+async def pull(request: Request) -> Response:
+    cache: aw.WeightCache = request.app.state.cache
+    try:
+        body = await request.json()
+    except ValueError:
+        return JSONResponse({"error": "the body must be JSON"}, status_code=400)
+    body = body if isinstance(body, dict) else {}
+    model, registry = body.get("model"), body.get("registry")
+    insecure = body.get("insecure", False)
+    if (
+        not isinstance(model, str)
+        or not isinstance(registry, str | None)
+        or not isinstance(insecure, bool)
+    ):
+        return JSONResponse(
+            {"error": 'expected {"model": str, "registry": str | null, "insecure": bool}'},
+            status_code=400,
+        )
+    # Events are rate-limited (about 10 a second), so an unbounded buffer stays small.
+    send, receive = anyio.create_memory_object_stream[dict[str, Any]](math.inf)
+    scope = anyio.CancelScope()
+
+    async def forward(event: aw.Progress) -> None:
+        await send.send(event.to_ollama())
+
+    async def run() -> None:
+        with scope, send:
+            try:
+                await aw.pull(
+                    model,
+                    store=cache.store,
+                    registry=registry,
+                    insecure=insecure,
+                    on_progress=forward,
+                    limits=cache.limits,
+                )
+            except aw.AsyncWeightsError as exc:
+                await send.send({"error": str(exc)})
+
+    request.app.state.pulls.start_soon(run)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            with receive:
+                async for event in receive:
+                    yield _sse(event)
+        finally:
+            scope.cancel()  # the client went away (or the pull ended): stop it
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}

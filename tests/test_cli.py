@@ -260,7 +260,9 @@ def test_version() -> None:
 def test_every_argument_of_every_command_has_help() -> None:
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert sorted(commands.choices) == ["demo", "import", "load", "ls", "rm", "show", "verify"]
+    assert sorted(commands.choices) == [
+        "demo", "import", "load", "ls", "pull", "rm", "show", "verify"
+    ]  # fmt: skip
     parsers = {"asyncweights": parser} | {
         f"asyncweights {name}": sub for name, sub in commands.choices.items()
     }

@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import httpx
 import mlx.core as mx
 import pytest
 
@@ -504,3 +508,144 @@ async def test_cancel_at_every_stage_then_resume_bit_exact(
     weights = await aw.load_weights("slow", store=store, pull=True, registry=registry.url)
     assert_same(weights, built.expected)
     assert_layout(store, root, built, "slow")
+
+
+# ------------------------------------------------------------------------ cache, CLI, server
+
+
+async def test_lease_with_pull_shares_one_load(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    registry.chunk = 4 * KiB
+    registry.delay = 0.001
+    store = tmp_path / "store"
+    sizes: list[int] = []
+    async with aw.WeightCache(store=store) as cache:
+
+        async def lease() -> None:
+            async with cache.lease("img", "vae", pull=True, registry=registry.url) as weights:
+                assert_same(weights, models["img"].component("vae"))
+                sizes.append(len(weights))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lease)
+            tg.start_soon(lease)
+        assert cache.stats.loads == 1
+    assert sizes == [3, 3]
+    assert_layout(store, root, models["img"], "img")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "asyncweights", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "OLLAMA_MODELS"},
+    )
+
+
+def test_cli_pull_then_load_pull(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    store = tmp_path / "store"
+    host = registry.url.removeprefix("http://")
+    result = _cli("pull", "q4", "--store", str(store), "--registry", host, "--insecure", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    built = models["q4"]
+    sizes = {layer.digest: layer.size for layer in [built.config, *built.layers]}
+    assert data["blobs"] == data["new_blobs"] == len(sizes)
+    assert data["bytes"] == data["downloaded_bytes"] == sum(sizes.values())
+    assert_layout(store, root, built, "q4")
+    result = _cli(
+        "load", "img", "-c", "vae", "--pull", "--store", str(store), "--registry",
+        registry.url, "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["model"], data["tensors"]) == ("img", 3)
+    assert_layout(store, root, models["img"], "img")
+    result = _cli("pull", "nope", "--store", str(store), "--registry", registry.url)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "error: HTTP 404 Not Found for the manifest: manifest unknown (model 'nope', "
+        f"registry {registry.url}, repository library/nope)\n"
+    )
+
+
+SERVER = Path(__file__).resolve().parent.parent / "examples" / "server.py"
+
+
+def test_server_pull_streams_ollama_progress(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), "--store", str(store), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:"), line
+        base = line.split()[-1]
+        deadline = time.monotonic() + 20
+        while True:  # bound before it listens: wait for the first answer
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        events = []
+        with httpx.stream(
+            "POST",
+            base + "/pull",
+            json={"model": "img", "registry": registry.url},
+            timeout=30,
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for text in response.iter_lines():
+                if text.startswith("data: "):
+                    events.append(json.loads(text.removeprefix("data: ")))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert events[0] == {"status": "pulling manifest"}
+    assert events[-2] == {"status": "writing manifest"}
+    built = models["img"]
+    sizes = {layer.digest: layer.size for layer in [built.config, *built.layers]}
+    assert events[-1] == {
+        "status": "success",
+        "digest": "img",
+        "total": sum(sizes.values()),
+        "completed": sum(sizes.values()),
+    }
+    for event in events[1:-2]:
+        digest = event["digest"]
+        assert event == {
+            "status": f"pulling {digest[7:19]}",
+            "digest": digest,
+            "total": sizes[digest],
+            "completed": event["completed"],
+        }
+        assert 0 <= event["completed"] <= sizes[digest]
+    assert_layout(store, root, built, "img")

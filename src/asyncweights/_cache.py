@@ -37,6 +37,7 @@ from ._manifest import Manifest
 from ._names import ModelName
 from ._plan import Plan, make_plan
 from ._progress import Progress, ProgressCallback
+from ._pull import pull as pull_model
 from ._store import Model, ModelStore
 
 if TYPE_CHECKING:
@@ -302,6 +303,8 @@ class WeightCache:
         verify: bool = False,
         limits: Limits | None = None,
         on_progress: ProgressCallback | None = None,
+        pull: bool = False,
+        registry: str | None = None,
     ) -> AsyncIterator[Weights]:
         """Lease the weights of `component` of `model`, loading them unless already loaded.
 
@@ -315,11 +318,25 @@ class WeightCache:
             limits: this load's `Limits` (the cache's by default); not part of the key.
             on_progress: a plain or async callable that receives this waiter's `Progress`
                 events, the final one included (alone, when the weights were cached).
+            pull, registry: first bring the model's store copy up to date from its registry
+                (`pull`: the manifest, then only missing blobs), then lease as usual; the
+                key is the pulled manifest's digest, so a changed tag loads afresh.
+                Concurrent pulls of one blob share its download (a file lock).
 
         Raises:
             BudgetError: the load does not fit in ``max_bytes`` even after evicting every
                 unleased entry. AsyncWeightsError: the load failed (every waiter gets a copy).
         """
+        if pull:
+            self._check_open()
+            await pull_model(
+                model,  # type: ignore[arg-type]  # anything but a name is refused there
+                store=self.store,
+                registry=registry,
+                verify=verify,
+                on_progress=on_progress,
+                limits=limits or self.limits,
+            )
         entry = await self._attach(model, component, dtype, verify, limits)
         hit = entry.state != "loading"
         weights = entry.take() if hit else await self._wait(entry, on_progress)

@@ -1,4 +1,4 @@
-"""The command line: demo, ls, show, load, verify and import, with progress bars.
+"""The command line: demo, ls, show, load, verify, import and pull, with progress bars.
 
 Each command is a coroutine run with ``anyio.run``; it returns its result as a dict (printed
 as JSON with ``--json``) and as text lines, both printed only once it has finished, so an
@@ -37,7 +37,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
-from ._errors import AsyncWeightsError, BlobMissingError, first_error
+from ._errors import AsyncWeightsError, BlobMissingError, InvalidNameError, first_error
 from ._files import open_file
 from ._gguf import read_gguf_header
 from ._limits import Limits
@@ -139,6 +139,7 @@ class Output:
             progress = not json and sys.stdout.isatty() and sys.stderr.isatty()
         self.progress = progress
         self._bar: Any = None
+        self._pulling = False
 
     def start(self, description: str, total: float, *, unit: str = "B") -> None:
         """Show a bar (replacing any bar still shown)."""
@@ -166,7 +167,15 @@ class Output:
         bar.refresh()
 
     async def on_progress(self, event: Progress) -> None:
-        """A load progress callback: it runs on the event loop, so updates are cheap."""
+        """A load progress callback: it runs on the event loop, so updates are cheap.
+
+        While a pull is under way (``load --pull``) the bar follows the download, the slower
+        of the two; the load's own events take over once every blob is in.
+        """
+        if event.phase == "pulling":
+            self._pulling = event.total_tensors == 0 or event.completed_bytes < event.total_bytes
+        elif self._pulling:
+            return
         self.update(event.completed_bytes, event.total_bytes)
 
     def clear(self) -> None:
@@ -567,13 +576,19 @@ async def load_summary(
     dtype: Any = None,
     verify: bool = False,
     description: str = "loading",
+    pull: bool = False,
+    registry: str | None = None,
 ) -> dict[str, Any]:
-    """Load with a progress bar and summarize: tensors, bytes, seconds, GB/s, quantization."""
+    """Load with a progress bar and summarize: tensors, bytes, seconds, GB/s, quantization.
+
+    With `pull` the bar follows the download while blobs arrive, then the load.
+    """
     out.start(description, 0)
     started = time.perf_counter()
     weights = await load_weights(
-        model, component, store=store, dtype=dtype, verify=verify, on_progress=out.on_progress
-    )
+        model, component, store=store, dtype=dtype, verify=verify,
+        on_progress=out.on_progress, pull=pull, registry=registry,
+    )  # fmt: skip
     seconds = time.perf_counter() - started
     out.clear()
     per_comp: dict[str, dict[str, Any]] = {}
@@ -633,10 +648,13 @@ async def cmd_load(args: argparse.Namespace, out: Output) -> Result:
 
     dtype = getattr(mx, _DTYPES[args.dtype]) if args.dtype else None
     ref = model_ref(args.model)
+    if args.pull and not isinstance(ref, str):
+        raise InvalidNameError("--pull needs a model name, not a manifest path", model=args.model)
     store = ModelStore(args.store, runner=args.runner)
     summary = await load_summary(
-        out, ref, args.component, store=store, dtype=dtype, verify=args.verify
-    )
+        out, ref, args.component, store=store, dtype=dtype, verify=args.verify,
+        pull=args.pull, registry=_registry(args),
+    )  # fmt: skip
     summary.update(peak_memory())
     return Result(summary, [*summary_lines(summary), memory_line(summary)])
 
@@ -768,6 +786,51 @@ async def cmd_import(args: argparse.Namespace, out: Output) -> Result:
     return Result(data, lines)
 
 
+def _registry(args: argparse.Namespace) -> str | None:
+    """``--registry``, made ``http://`` by ``--insecure`` when given without a scheme."""
+    registry: str | None = args.registry
+    if registry is not None and args.insecure and "://" not in registry:
+        registry = "http://" + registry
+    return registry
+
+
+async def cmd_pull(args: argparse.Namespace, out: Output) -> Result:
+    from ._pull import pull
+
+    store = ModelStore(args.store)
+    before = set(_blob_names(store))
+    out.start(f"pulling {args.model}", 0)
+    started = time.perf_counter()
+    model = await pull(
+        args.model, store=store, registry=_registry(args), insecure=args.insecure,
+        verify=args.verify, on_progress=out.on_progress,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    out.clear()
+    new_names = set(_blob_names(store)) - before
+    layers = [model.manifest.config, *model.manifest.layers]
+    sizes = {layer.digest: layer.size for layer in layers}
+    new = [digest for digest in sizes if digest.replace(":", "-") in new_names]
+    fetched = sum(sizes[digest] for digest in new)
+    data = {
+        "name": args.model,
+        "digest": model.digest,
+        "manifest": None if model.path is None else str(model.path),
+        "blobs": len(sizes),
+        "new_blobs": len(new),
+        "bytes": sum(sizes.values()),
+        "downloaded_bytes": fetched,
+        "seconds": round(seconds, 4),
+    }
+    rate = f" ({fetched / seconds / 1e6:.1f} MB/s)" if seconds > 0 and fetched else ""
+    lines = [
+        f"pulled {args.model}: {data['blobs']} blobs ({len(new)} new), "
+        f"{format_bytes(fetched)} downloaded in {seconds:.2f} s{rate}",
+        f"  {model.digest}",
+    ]
+    return Result(data, lines)
+
+
 def _blob_names(store: ModelStore) -> list[str]:
     try:
         return [p.name for p in store.blobs_dir.iterdir() if p.name.startswith("sha256-")]
@@ -867,7 +930,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--component", help="load one component: text_encoder, transformer, vae …")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="convert floating-point tensors")
     p.add_argument("--verify", action="store_true", help="check blob digests while loading")
+    p.add_argument(
+        "--pull",
+        action="store_true",
+        help="pull the model from its registry while loading (only missing blobs)",
+    )
+    _registry_arguments(p)
     p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("pull", parents=[common], help="pull a model from a registry")
+    p.add_argument("model", help="model name: name[:tag], ns/name[:tag] or host/ns/name[:tag]")
+    p.add_argument(
+        "--verify", action="store_true", help="rehash blobs already present (default: size)"
+    )
+    _registry_arguments(p)
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("verify", parents=[common], help="check every blob's sha256")
     p.add_argument("model", help="a model name, or a manifest path starting with / ./ ../ ~")
@@ -906,6 +983,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", metavar="NAME", help="model names, e.g. my-model:latest")
     p.set_defaults(func=cmd_rm)
     return parser
+
+
+def _registry_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry",
+        metavar="URL",
+        help="fetch from this registry instead of the name's host, e.g. http://127.0.0.1:5000"
+        " (plain HTTP only when spelled http://)",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="plain HTTP for a registry given without scheme"
+    )
 
 
 def run(argv: Sequence[str] | None = None) -> int:
