@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import httpx
 import uvicorn
 from starlette.applications import Starlette
@@ -170,6 +171,9 @@ class FakeRegistry:
     chunk: int = 64 * 1024
     #: serve blobs whose status is 5xx this many times first
     fail_first: dict[str, int] = field(default_factory=dict)
+    #: once this many blob GETs were answered, hold the next ones until `gate` is set
+    gate_after: int | None = None
+    gate: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
     def add_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> None:
@@ -213,6 +217,9 @@ class FakeRegistry:
             if (denied := self._auth(request)) is not None:
                 return denied
             digest = request.path_params["digest"]
+            served = sum(kind == "blob" for kind, _, _ in self.requests) - 1
+            if self.gate_after is not None and served >= self.gate_after:
+                await anyio.to_thread.run_sync(self.gate.wait, 30)
             if self.fail_first.get(digest, 0) > 0:
                 self.fail_first[digest] -= 1
                 return JSONResponse({"errors": [{"message": "try later"}]}, status_code=503)
@@ -326,6 +333,10 @@ def fake_registry() -> Iterator[tuple[FakeRegistry, FakeRegistry]]:
     """A fake registry and a second host (the CDN it redirects to), both running."""
     registry, cdn = FakeRegistry(), FakeRegistry()
     cdn.blobs = registry.blobs
-    with ServerThread(registry.app()) as a, ServerThread(cdn.app()) as b:
-        registry.url, cdn.url = a.url, b.url
-        yield registry, cdn
+    try:
+        with ServerThread(registry.app()) as a, ServerThread(cdn.app()) as b:
+            registry.url, cdn.url = a.url, b.url
+            yield registry, cdn
+            registry.gate.set()  # let held requests end before the servers stop
+    finally:
+        registry.gate.set()

@@ -456,7 +456,10 @@ async def test_cancel_at_every_stage_then_resume_bit_exact(
     registry, _ = fake
     root, models = source
     registry.chunk = 2 * KiB
-    registry.delay = 0.01  # 16 KiB blobs: about 80 ms each, 4 at a time
+    registry.delay = 0.002
+    # Blob requests after these wait until the cancel is done: the pull cannot finish
+    # first, however slow the machine.
+    registry.gate_after = 2 + 25 + 10  # config and JSON, 25 heads, 10 blobs
     store = tmp_path / "store"
     built = models["slow"]
     seen = anyio.Event()
@@ -490,6 +493,7 @@ async def test_cancel_at_every_stage_then_resume_bit_exact(
                     if stage == "first-tensor" or (stage == "late" and count == 6):
                         scope.cancel()
     assert scope.cancelled_caught
+    registry.gate.set()
     wait_quiet(store)
     assert blob_fds(store) == []
     blobs = store / "blobs"
