@@ -35,7 +35,8 @@ from ._errors import (
     InvalidNameError,
     RegistryError,
     SizeMismatchError,
-    first_error,
+    StoreWriteError,
+    typed_error,
 )
 from ._header import BlobHeader, parse_header
 from ._limits import Limits
@@ -265,15 +266,25 @@ class PullSession:
             return
         final = self.store.blob_path(layer.digest)
         partial = partial_path(self.store, layer.digest)
-        await anyio.Path(self.store.blobs_dir).mkdir(parents=True, exist_ok=True)
-        fd = await anyio.to_thread.run_sync(_open_locked, partial)
-        if fd is None:  # another pull writes this blob: wait for it to land
-            await self._await_other(layer, final)
-        else:
-            try:
-                await self._stream_into(fd, layer, partial, final)
-            finally:
-                os.close(fd)  # releases the lock; the partial stays for a resume
+        try:
+            await anyio.Path(self.store.blobs_dir).mkdir(parents=True, exist_ok=True)
+            fd = await anyio.to_thread.run_sync(_open_locked, partial)
+            if fd is None:  # another pull writes this blob: wait for it to land
+                await self._await_other(layer, final)
+            else:
+                try:
+                    await self._stream_into(fd, layer, partial, final)
+                finally:
+                    os.close(fd)  # releases the lock; the partial stays for a resume
+        except OSError as exc:
+            raise StoreWriteError(
+                f"cannot write the blob: {exc.strerror or exc}",
+                model=self.label,
+                tensor=layer.name or None,
+                digest=layer.digest,
+                path=exc.filename if isinstance(exc.filename, str) else partial,
+                errno=exc.errno,
+            ) from exc
         self._counts.done_blobs += 1
         self._emit(layer.digest, force=True)
         event.set()
@@ -370,15 +381,25 @@ class PullSession:
         self._emit(None, force=True)
         remote = self.remote
         name = "/".join(self.name.parts[:3]) + ":" + self.name.tag
-        await anyio.to_thread.run_sync(
-            lambda: write_pulled_manifest(
+
+        def write() -> None:
+            write_pulled_manifest(
                 self.store.root,
                 name,
                 remote.data,
                 list_data=remote.list_data,
                 list_media_type=remote.list_media_type,
             )
-        )
+
+        try:
+            await anyio.to_thread.run_sync(write)
+        except OSError as exc:
+            raise StoreWriteError(
+                f"cannot write the manifest: {exc.strerror or exc}",
+                model=self.label,
+                path=exc.filename if isinstance(exc.filename, str) else None,
+                errno=exc.errno,
+            ) from exc
 
 
 def _blobs(manifest: Manifest) -> list[Layer]:
@@ -596,7 +617,9 @@ async def pull(
                 reporter.close(None)
                 raise
             reporter.close(session.event("done"))
-    except* AsyncWeightsError as group:
-        error = first_error(group)
+    except BaseExceptionGroup as group:
+        error = typed_error(group, model=session.label)
+        if error is None:
+            raise
         raise error from error.__cause__
     return await session.store.open(name)
