@@ -390,6 +390,10 @@ def test_import_command_variant_and_refused_formats(tmp_path: Path) -> None:
     assert data["components"] == ["unet"]
     shown = ok_json(cli("show", "p", "--store", store, "--json", tmp=tmp_path))
     assert sorted(shown["dtypes"]) == ["F16"]  # the fp16 variant, not the plain F32 file
+    barred = cli("import", str(src), "p2", "--store", store, "--progress", tmp=tmp_path)
+    assert barred.returncode == 0, barred.stderr
+    assert "importing p2" in barred.stderr
+    assert "%|" in barred.stderr  # the import's tqdm bar, bytes hashed and written
     (src / "model_index.json").unlink()
     (src / "unet" / "config.json").write_text(
         json.dumps({"quantization_config": {"quant_method": "fp8"}})
