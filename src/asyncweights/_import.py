@@ -263,7 +263,7 @@ async def import_model(
     reporter = ProgressReporter(on_progress, limits.progress_interval, name)
     tally = _Tally()
     created: dict[str, int] = {}  # digest -> st_mtime_ns when this import made it
-    new_dirs = _missing_dirs(root, name)
+    new_dirs = await anyio.to_thread.run_sync(_missing_dirs, root, name)
     total = [0, 0]  # bytes, tensors
 
     def event(phase: Literal["planning", "writing", "done"]) -> Progress:
