@@ -454,3 +454,74 @@ async def test_leaving_a_progress_stream_early_leaves_only_that_watcher(
     assert len(got) == 1
     assert (stats.loads, stats.cancellations) == (1, 0)
     assert calls.count == 1
+
+
+async def test_a_load_waits_for_a_load_in_flight_to_settle_then_evicts_it(
+    builder: StoreBuilder, store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    """Issue case: a model that fits alone got BudgetError at once while another load was in
+    flight, and the same request a second later worked. Now it waits for the load to settle."""
+    other = add_model(builder, "other", seed=1)
+    async with cache(store_root, max_bytes=MODEL_BYTES + MODEL_BYTES // 2) as c:
+        started = anyio.Event()
+
+        async def first() -> None:
+            async with c.progress("toy", "transformer") as events:
+                async for _ in events:
+                    started.set()
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                await started.wait()  # toy is loading: its bytes are reserved
+                assert c.stats.bytes_reserved == MODEL_BYTES
+                async with c.lease("other", "transformer") as weights:
+                    assert_exact(weights, other, "transformer")
+                    assert [e.name for e in c.entries()] == ["other:latest"]
+        assert (c.stats.failures, c.stats.evictions) == (0, 1)
+    assert calls.count == 2
+
+
+async def test_the_budget_wait_is_bounded_and_cancellable(
+    builder: StoreBuilder, store_root: Path, toy: BuiltModel, calls: Calls
+) -> None:
+    add_model(builder, "other", seed=1)
+    budget = MODEL_BYTES + MODEL_BYTES // 2
+
+    async def watch(c: aw.WeightCache, started: anyio.Event) -> None:
+        async with c.progress("toy", "transformer") as events:
+            async for _ in events:
+                started.set()
+
+    # budget_wait elapses while toy is still loading (8 groups of 30 ms): it says it waited.
+    async with aw.WeightCache(budget, store=store_root, limits=LIMITS, budget_wait=0.05) as c:
+        started = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch, c, started)
+            await started.wait()
+            began = time.monotonic()
+            with pytest.raises(aw.BudgetError) as info:
+                async with c.lease("other", "transformer"):
+                    pass  # pragma: no cover
+            assert time.monotonic() - began < 5
+        assert str(info.value) == (
+            f"load needs {MODEL_BYTES} bytes, but only {MODEL_BYTES // 2} of the cache's "
+            f"max_bytes of {budget} can be freed (the rest is leased or loading) after "
+            "waiting 0.05 s (model 'other')"
+        )
+
+    # A waiter that leaves while its load waits for room cancels that load at once.
+    async with aw.WeightCache(budget, store=store_root, limits=LIMITS, budget_wait=60) as c:
+        started = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch, c, started)
+            await started.wait()
+            began = time.monotonic()
+            with anyio.move_on_after(0.02):
+                async with c.lease("other", "transformer"):
+                    pass  # pragma: no cover
+            assert time.monotonic() - began < 5
+            assert c.stats.cancellations == 1
+            assert [e.model for e in c.entries()] == ["toy"]  # other left no entry
+        assert [e.name for e in c.entries()] == ["toy:latest"]
+    wait_quiet(store_root)

@@ -227,14 +227,28 @@ class WeightCache:
             None means no budget and no automatic eviction.
         store: the models root or a `ModelStore` model names are resolved in.
         limits: the default `Limits` of every load.
+        budget_wait: seconds a load that fits in `max_bytes`, but not beside what other loads
+            in flight reserve, waits for those to settle (a finished load is evictable once
+            unleased) before it fails with `BudgetError`; a load kept out by leases alone
+            fails at once (the lease may be the caller's own). The wait ends early when the
+            load is cancelled (its last waiter leaving). 0 never waits.
     """
 
     def __init__(
-        self, max_bytes: int | None = None, *, store: StoreRef = None, limits: Limits | None = None
+        self,
+        max_bytes: int | None = None,
+        *,
+        store: StoreRef = None,
+        limits: Limits | None = None,
+        budget_wait: float = 30.0,
     ) -> None:
         if max_bytes is not None and max_bytes < 0:
             raise ValueError("max_bytes must not be negative")
+        if budget_wait < 0:
+            raise ValueError("budget_wait must not be negative")
         self.max_bytes = max_bytes
+        self.budget_wait = budget_wait
+        self._changed: anyio.Event | None = None  # set when bytes may have been freed
         self.store = store if isinstance(store, ModelStore) else ModelStore(store)
         self.limits = limits or Limits()
         self._loading: dict[CacheKey, _Entry] = {}
@@ -463,6 +477,7 @@ class WeightCache:
         """One waiter goes; the last one of a load in flight cancels it and waits for its end."""
         entry.waiters -= 1
         if entry.waiters or entry.state != "loading":
+            self._notify()  # a ready entry no one waits on can be evicted now
             return
         if self._loading.get(entry.key) is entry:
             del self._loading[entry.key]
@@ -488,7 +503,7 @@ class WeightCache:
         try:
             with entry.scope:
                 plan = await make_plan(model, component, limits)
-                self._reserve(entry, _estimate(plan, dtype))
+                await self._reserve(entry, _estimate(plan, dtype))
                 weights = await load_weights(
                     model,
                     component,
@@ -535,23 +550,59 @@ class WeightCache:
     def _held(self) -> int:
         return sum(e.nbytes for e in self._ready.values())
 
-    def _reserve(self, entry: _Entry, need: int) -> None:
-        """Make room for `need` more bytes by evicting LRU unleased entries, or fail fast."""
-        if self.max_bytes is not None:
+    async def _reserve(self, entry: _Entry, need: int) -> None:
+        """Make room for `need` more bytes by evicting LRU unleased entries.
+
+        When only other loads in flight or leases stand in the way, wait (up to
+        `budget_wait` seconds, cancellably) for them to settle, then try again.
+
+        Raises:
+            BudgetError: `need` is over `max_bytes`, or still does not fit after the wait.
+        """
+        limit = self.max_bytes
+        if limit is None:
+            entry.reserved = need
+            return
+        if need > limit:
+            raise BudgetError(
+                f"load needs {need} bytes, over the cache's max_bytes of {limit}", model=entry.label
+            )
+        deadline = anyio.current_time() + self.budget_wait
+        while True:
             reserved = sum(e.reserved for e in self._running)
             pinned = reserved + sum(e.nbytes for e in self._ready.values() if e.leases or e.waiters)
-            if need > self.max_bytes - pinned:
-                detail = (
-                    f"over the cache's max_bytes of {self.max_bytes}"
-                    if need > self.max_bytes
-                    else f"but only {self.max_bytes - pinned} of the cache's max_bytes of "
-                    f"{self.max_bytes} can be freed (the rest is leased or loading)"
+            if need <= limit - pinned:
+                # No checkpoint from the check to here: nothing can take the room meanwhile.
+                self._evict_until(limit - reserved - need)
+                entry.reserved = need
+                return
+            # Only loads in flight (and finished ones whose waiters are still leaving) are
+            # waited for: a lease may be held by the very task asking (waiting for it would
+            # deadlock), so leases alone fail at once.
+            others = any(e is not entry and e.reserved for e in self._running) or any(
+                e.waiters and not e.leases for e in self._ready.values()
+            )
+            left = deadline - anyio.current_time()
+            if not others or left <= 0:
+                waited = f" after waiting {self.budget_wait:g} s" if others else ""
+                raise BudgetError(
+                    f"load needs {need} bytes, but only {limit - pinned} of the cache's max_bytes"
+                    f" of {limit} can be freed (the rest is leased or loading){waited}",
+                    model=entry.label,
                 )
-                raise BudgetError(f"load needs {need} bytes, {detail}", model=entry.label)
-            self._evict_until(self.max_bytes - reserved - need)
-        entry.reserved = need
+            if self._changed is None:
+                self._changed = anyio.Event()
+            with anyio.move_on_after(left):
+                await self._changed.wait()
+
+    def _notify(self) -> None:
+        """Wake loads waiting for room: bytes may have been freed."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def _fit(self) -> None:
+        self._notify()
         if self.max_bytes is not None:
             self._evict_until(self.max_bytes - sum(e.reserved for e in self._running))
 
