@@ -21,15 +21,24 @@ Endpoints:
 
 A client that disconnects stops waiting; the load goes on for the other clients and is
 cancelled when the last one leaves.
+
+What a client cannot do: name a file. ``"model"`` is a model name in Ollama's grammar, never
+a path (anything else is a 400 before any file is opened); error messages never carry a
+path of the server. Bodies over `MAX_BODY` are refused with 413, malformed or too deeply
+nested JSON with 400; once an event stream has started, any failure is one
+``{"error": ...}`` event, then the stream ends cleanly.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import logging
 import math
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -48,6 +57,9 @@ if TYPE_CHECKING:
     from asyncweights._cache import CacheEntry
 
 STORE_ENV = "ASYNCWEIGHTS_STORE"
+#: the largest request body accepted (413 above): a request is a few hundred bytes
+MAX_BODY = 64 * 1024
+logger = logging.getLogger("asyncweights.server")
 
 
 def create_app(
@@ -82,28 +94,107 @@ def create_app(
     )
 
 
+class BadRequest(Exception):
+    """A request refused before any work: its HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def response(self) -> Response:
+        return JSONResponse({"error": self.message}, status_code=self.status)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request's JSON object, read within `MAX_BODY` bytes.
+
+    Raises:
+        BadRequest: 413 for a body over `MAX_BODY` bytes (before reading it when the
+            Content-Length says so); 400 for a body that is not a JSON object (malformed,
+            not UTF-8, nested too deeply: the standard library's parser raises RecursionError
+            long before `MAX_BODY` bytes of brackets run out).
+    """
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        raise BadRequest(413, f"the request body is over {MAX_BODY} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BadRequest(413, f"the request body is over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except RecursionError:
+        raise BadRequest(400, "the body is JSON nested too deeply") from None
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError
+        raise BadRequest(400, "the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest(400, "the body must be a JSON object")
+    return body
+
+
+def model_name(value: object) -> str:
+    """A model name from a client: a string in Ollama's name grammar, never a path.
+
+    Raises:
+        BadRequest: 400 for anything else (a path, a URL, a NUL, a number).
+    """
+    if not isinstance(value, str):
+        raise BadRequest(400, '"model" must be a model name (a string)')
+    try:
+        aw.ModelName.parse(value)
+    except aw.InvalidNameError as exc:
+        raise BadRequest(400, exc.reason) from None
+    return value
+
+
+def public_error(exc: aw.AsyncWeightsError) -> str:
+    """An error's message for a client: its reason and the model, tensor, blob and errno
+    it names, with no file of the server (no path field, absolute paths in the reason
+    replaced by ``<path>``)."""
+    where = []
+    if exc.model is not None:
+        where.append(f"model {exc.model!r}")
+    if exc.tensor is not None:
+        where.append(f"tensor {exc.tensor!r}")
+    if exc.digest is not None:
+        where.append(f"blob {exc.digest}")
+    if exc.errno is not None:
+        where.append(f"errno {errno.errorcode.get(exc.errno, exc.errno)}")
+    text = f"{exc.reason} ({', '.join(where)})" if where else exc.reason
+    return _ABSOLUTE_PATH.sub("<path>", text)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:%@/-])/[^\s'\",)]*")
+
+
 async def load(request: Request) -> Response:
     cache: aw.WeightCache = request.app.state.cache
     try:
-        body = await request.json()
-    except ValueError:
-        return JSONResponse({"error": "the body must be JSON"}, status_code=400)
-    model = body.get("model") if isinstance(body, dict) else None
-    component = body.get("component") if isinstance(body, dict) else None
-    if not isinstance(model, str) or not isinstance(component, str | None):
-        return JSONResponse(
-            {"error": 'expected {"model": str, "component": str | null}'}, status_code=400
-        )
+        body = await read_json(request)
+        model = model_name(body.get("model"))
+        component = body.get("component")
+        if not isinstance(component, str | None) or (component and not component.isprintable()):
+            raise BadRequest(400, '"component" must be a string or null')
+    except BadRequest as bad:
+        return bad.response()
 
     async def events() -> AsyncIterator[str]:
         # Holds the cache's waiter slot while the client is connected: a disconnect cancels
         # this generator, which leaves the load (cancelling it if no one else waits).
+        # Once the stream has started, every failure is one error event, then the end.
         try:
             async with cache.progress(model, component) as progress:
                 async for event in progress:
                     yield _sse(event.to_ollama())
         except aw.AsyncWeightsError as exc:
-            yield _sse({"error": str(exc)})
+            yield _sse({"error": public_error(exc)})
+        except Exception:
+            logger.exception("load of %r failed", model)
+            yield _sse({"error": "internal error"})
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
@@ -113,17 +204,13 @@ async def load(request: Request) -> Response:
 async def pull(request: Request) -> Response:
     cache: aw.WeightCache = request.app.state.cache
     try:
-        body = await request.json()
-    except ValueError:
-        return JSONResponse({"error": "the body must be JSON"}, status_code=400)
-    body = body if isinstance(body, dict) else {}
-    model, registry = body.get("model"), body.get("registry")
+        body = await read_json(request)
+        model = model_name(body.get("model"))
+    except BadRequest as bad:
+        return bad.response()
+    registry = body.get("registry")
     insecure = body.get("insecure", False)
-    if (
-        not isinstance(model, str)
-        or not isinstance(registry, str | None)
-        or not isinstance(insecure, bool)
-    ):
+    if not isinstance(registry, str | None) or not isinstance(insecure, bool):
         return JSONResponse(
             {"error": 'expected {"model": str, "registry": str | null, "insecure": bool}'},
             status_code=400,
@@ -147,7 +234,10 @@ async def pull(request: Request) -> Response:
                     limits=cache.limits,
                 )
             except aw.AsyncWeightsError as exc:
-                await send.send({"error": str(exc)})
+                await send.send({"error": public_error(exc)})
+            except Exception:
+                logger.exception("pull of %r failed", model)
+                await send.send({"error": "internal error"})
 
     request.app.state.pulls.start_soon(run)
 
@@ -182,7 +272,7 @@ async def delete_model(request: Request) -> Response:
     try:
         dropped = cache.evict(name)
     except aw.InvalidNameError as exc:
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": public_error(exc)}, status_code=400)
     if not dropped:
         kept = [e for e in cache.entries() if name in (e.name, e.model, e.key.digest)]
         reason = "leased or loading" if kept else "not in the cache"
