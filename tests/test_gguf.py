@@ -8,6 +8,7 @@ documented layout with finite f16 super-block scales. The independent reference 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 import asyncweights as aw
-from asyncweights._gguf import GGUFArray, parse_gguf, read_gguf_header
+from asyncweights._gguf import parse_gguf, read_gguf_header
 from asyncweights._writer import Layer
 from asyncweights.testing import StoreBuilder
 
@@ -283,7 +284,7 @@ async def test_metadata_and_lazy_tokenizer(llava: Path) -> None:
     assert meta["llama.block_count"] == 2
     assert meta["llama.context_length"] == 4096
     tokens = meta["tokenizer.ggml.tokens"]
-    assert isinstance(tokens, GGUFArray)
+    assert isinstance(tokens, aw.GGUFArray)
     assert tokens.item_type == "STRING"
     assert len(tokens) == 4
     assert tokens.tolist() == ["<s>", "</s>", "hé", "\u2581the"]
@@ -594,17 +595,22 @@ def sparse_gguf(path: Path, tensors: int, each: int) -> Path:
     return path
 
 
-@pytest.fixture
-def sparse_store(tmp_path: Path, store_root: Path) -> Path:
-    """A 3 GiB GGUF blob that takes no disk space. Its file name is not the sha256 of its
-    bytes (hashing 3 GiB would dominate the test): loading without `verify` never hashes."""
+def sparse_model(store_root: Path, name: str, tensors: int, each: int) -> Path:
+    """A GGUF model of `tensors` F16 tensors of `each` bytes that takes no disk space. Its
+    blob's file name is not the sha256 of its bytes (hashing gigabytes would dominate the
+    test): loading without `verify` never hashes."""
     builder = StoreBuilder(store_root)
-    fake = "sha256:" + "ab" * 32
-    path = sparse_gguf(store_root / "blobs" / fake.replace(":", "-"), 48, 64 << 20)
+    fake = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+    path = sparse_gguf(store_root / "blobs" / fake.replace(":", "-"), tensors, each)
     config = builder.add_raw_config({"model_format": "gguf", "file_type": "F16"})
     layer = Layer("application/vnd.ollama.image.model", fake, path.stat().st_size, "")
-    builder.write_manifest("big", [layer], config=config)
+    builder.write_manifest(name, [layer], config=config)
     return store_root
+
+
+@pytest.fixture
+def sparse_store(store_root: Path) -> Path:
+    return sparse_model(store_root, "big", 48, 64 << 20)  # 3 GiB
 
 
 async def test_header_only_on_a_multi_gigabyte_blob(sparse_store: Path) -> None:
@@ -687,3 +693,20 @@ def test_cli_show_lists_types_it_cannot_load(tmp_path: Path, store_root: Path) -
     StoreBuilder(store_root).add_gguf_model(MODEL, weights=path)
     facts = ok_json(cli("show", "--store", str(store_root), MODEL, "--json", tmp=tmp_path))
     assert facts["gguf"]["model"]["tensor_types"] == {"IQ2_XXS": 1}
+
+
+async def test_streaming_a_big_blob_keeps_memory_bounded(store_root: Path) -> None:
+    """768 MiB streamed tensor by tensor: MLX memory never holds more than the groups in
+    flight (2 workers, 1 buffered, the consumer's tensor) of 32 MiB each, plus slack."""
+    sparse_model(store_root, "big", 24, 32 << 20)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    count = 0
+    async with aw.stream_weights("big", store=store_root) as tensors:
+        async for tensor in tensors:
+            count += 1
+            assert tensor.info.source_dtype == "F16"
+            del tensor
+    assert count == 24
+    assert mx.get_peak_memory() - before <= 6 * (32 << 20)

@@ -33,6 +33,7 @@ from ._errors import SourceError as SourceError
 from ._errors import StoreWriteError as StoreWriteError
 from ._errors import UnsupportedDTypeError as UnsupportedDTypeError
 from ._errors import UnsupportedModelError as UnsupportedModelError
+from ._gguf import GGUFArray as GGUFArray
 from ._import import import_model as import_model
 from ._limits import Limits as Limits
 from ._load import load_weights as load_weights
@@ -65,6 +66,7 @@ __all__ = [
     "ConfigNotFoundError",
     "DigestMismatchError",
     "DuplicateTensorError",
+    "GGUFArray",
     "HeaderError",
     "InvalidDigestError",
     "InvalidNameError",

@@ -16,7 +16,7 @@ Every error the library raises on purpose derives from `AsyncWeightsError`:
     │   ├── BlobMissingError        the blob file is absent
     │   ├── SizeMismatchError       file size differs from the manifest's size
     │   ├── DigestMismatchError     sha256 of the bytes differs from the digest
-    │   └── HeaderError             the safetensors header breaks a rule
+    │   └── HeaderError             a safetensors or GGUF header breaks a rule
     │       └── UnsupportedDTypeError
     ├── DuplicateTensorError        two blobs define the same tensor name
     ├── QuantizationError           a quantized weight whose facts do not add up
@@ -230,7 +230,7 @@ class DigestMismatchError(BlobError):
 
 
 class HeaderError(BlobError):
-    """A safetensors header that breaks one of the framing rules."""
+    """A safetensors or GGUF header that breaks one of the framing rules."""
 
 
 class UnsupportedDTypeError(HeaderError):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import mlx.core as mx
 import numpy as np
@@ -24,7 +25,7 @@ from ._errors import (
     LoadError,
 )
 from ._files import StoreFile, open_file
-from ._ggml import TARGETS, convert, mlx_dtype
+from ._ggml import TARGETS, convert_blocks, mlx_dtype
 from ._gguf import GGUFFile
 from ._plan import BlobPlan
 from ._vfile import ArrayRequest, FillError, Span, fill_arrays, mlx_fills_through_readinto
@@ -168,44 +169,56 @@ def read_gguf(parts: list[BlobPlan], model: str) -> list[dict[str, mx.array]]:
 
     Each blob file is opened once for the call and proved to be the file planned (size and
     the header bytes that place the data). Raw types are read straight into their MLX
-    arrays; block types are read into one scratch buffer, converted (numpy), and dropped.
+    arrays; block types are read a cache-sized chunk at a time and converted (numpy) into
+    fresh MLX arrays.
     """
     files: dict[str, StoreFile] = {}
     raw: list[ArrayRequest] = []
-    blocks: list[ArrayRequest] = []
+    made: dict[int, list[mx.array]] = {}
     try:
-        for i, part in enumerate(parts):
+        for part in parts:
             assert part.gguf is not None
-            f = files.get(part.path)
-            if f is None:
-                f = files[part.path] = _open_gguf(part, part.gguf, model)
+            if part.path not in files:
+                files[part.path] = _open_gguf(part, part.gguf, model)
+        for i, part in enumerate(parts):
             info = part.tensors[0].source
             assert info is not None
-            span = Span(f.fd, part.gguf.data_start + info.offset, info.nbytes, tag=part)
+            assert part.gguf is not None
+            f = files[part.path]
+            start = part.gguf.data_start + info.offset
             target = TARGETS[info.ggml_type]
             if target.kind == "raw":
+                span = Span(f.fd, start, info.nbytes, tag=part)
                 raw.append(ArrayRequest(str(i), mlx_dtype(target.dtype), info.shape, [span]))
             else:
-                blocks.append(ArrayRequest(str(i), mx.uint8, (info.nbytes,), [span]))
+                made[i] = convert_blocks(info, _reader(f, start, part, model))
         arrays = _fill(raw, model, _GGUF_PACK)
-        scratch = _fill(blocks, model, 1 << 62)
     finally:
         for f in files.values():
             f.close()
     out: list[dict[str, mx.array]] = []
     for i, part in enumerate(parts):
-        info = part.tensors[0].source
-        assert info is not None
-        key = str(i)
-        if key in arrays:
-            made = [arrays.pop(key)]
-        else:
-            data = scratch.pop(key)
-            view = np.frombuffer(memoryview(data), dtype=np.uint8)  # type: ignore[arg-type]
-            made = convert(info, view)
-            del data, view
-        out.append({t.key: a for t, a in zip(part.tensors, made, strict=True)})
+        got = made.pop(i) if i in made else [arrays.pop(str(i))]
+        out.append({t.key: a for t, a in zip(part.tensors, got, strict=True)})
     return out
+
+
+def _reader(f: StoreFile, start: int, part: BlobPlan, model: str) -> Callable[[Any, int], None]:
+    """``read(buffer, at)``: the tensor's bytes from `at` into `buffer`, all of them."""
+
+    def read(buffer: Any, at: int) -> None:
+        try:
+            got = f.read_into(buffer, start + at)
+        except AsyncWeightsError as exc:
+            exc.add_context(model=model, tensor=part.tensors[0].name, digest=part.digest)
+            raise
+        if got != len(buffer):
+            raise BlobError(
+                "blob changed while loading: file ended early", model=model,
+                tensor=part.tensors[0].name, digest=part.digest, path=part.path,
+            )  # fmt: skip
+
+    return read
 
 
 def _open_gguf(part: BlobPlan, gguf: GGUFFile, model: str) -> StoreFile:
