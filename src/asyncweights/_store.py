@@ -221,7 +221,11 @@ class ModelStore:
         limits = limits or Limits()
         if isinstance(model, Manifest):
             _check_manifest_caps(model, limits, label="<manifest>", path=None)
-            return Model(self, model, label="<manifest>", path=None, limits=limits)
+            # In a worker: a manifest without weight layers has its config blob read to tell
+            # a cloud model from an empty one.
+            return await anyio.to_thread.run_sync(
+                functools.partial(Model, self, model, label="<manifest>", path=None, limits=limits)
+            )
         return await anyio.to_thread.run_sync(self._open, model, runner or self.runner, limits)
 
     def _open(
