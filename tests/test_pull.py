@@ -446,7 +446,7 @@ async def test_first_tensor_arrives_before_the_pull_ends(
     assert_layout(store, root, models["slow"], "slow")
 
 
-@pytest.mark.parametrize("stage", ["manifest", "heads", "blobs", "first-tensor", "late"])
+@pytest.mark.parametrize("stage", ["manifest", "planning", "blobs", "first-tensor", "late"])
 async def test_cancel_at_every_stage_then_resume_bit_exact(
     fake: tuple[FakeRegistry, FakeRegistry],
     source: tuple[Path, dict[str, BuiltModel]],
@@ -459,13 +459,13 @@ async def test_cancel_at_every_stage_then_resume_bit_exact(
     registry.delay = 0.002
     # Blob requests after these wait until the cancel is done: the pull cannot finish
     # first, however slow the machine.
-    registry.gate_after = 2 + 25 + 10  # config and JSON, 25 heads, 10 blobs
+    registry.gate_after = 2 + 10  # the config and JSON layer, then 10 tensor blobs
     store = tmp_path / "store"
     built = models["slow"]
     seen = anyio.Event()
 
     async def on_progress(event: aw.Progress) -> None:
-        if stage == "manifest" or (stage == "heads" and event.phase == "planning"):
+        if stage == "manifest" or (stage == "planning" and event.phase == "planning"):
             seen.set()
         if stage == "blobs" and event.phase == "pulling" and event.completed_bytes > 64 * KiB:
             seen.set()

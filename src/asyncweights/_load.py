@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,15 +24,23 @@ from dataclasses import dataclass
 import anyio
 import anyio.to_thread
 import mlx.core as mx
+import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import AsyncWeightsError, BudgetError, LoadError, as_typed, typed_error
+from ._errors import (
+    AsyncWeightsError,
+    BudgetError,
+    DuplicateTensorError,
+    LoadError,
+    as_typed,
+    typed_error,
+)
 from ._limits import Limits
 from ._manifest import Manifest
 from ._names import ModelName
 from ._plan import BlobPlan, Plan, PlannedTensor, make_plan
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
-from ._pull import PullSession, open_session, run_pull
+from ._pull import PullSession, component_layers, open_session, run_pull, segment_ends
 from ._read import read_direct, read_gguf, read_lazy, verify_file
 from ._store import Model, ModelStore
 from ._weights import Tensor, TensorInfo, Weights
@@ -242,19 +250,29 @@ async def _pipeline(
         async with anyio.create_task_group() as tg:
             tg.start_soon(reporter.run)
             try:
-                if session is not None:
+                if session is None:
+                    plan = await make_plan(model, component, limits)
+                else:
                     session.reporter = reporter
                     model = await tg.start(run_pull, session, component)
-                plan = await make_plan(
-                    model, component, limits, heads=None if session is None else session.heads
-                )
+                    # Filled in segment by segment as blobs arrive, whole at the end.
+                    plan = Plan(model.label, component or None, [], None, [])
             except BaseException:
                 reporter.close(None)
                 raise
-            groups = _Groups(plan, receive, reporter, started)
+            if session is None:
+                groups = _Groups(plan, receive, reporter, started)
+                tg.start_soon(_produce, plan, dtype, verify, limits, send)
+            else:
+                layers = component_layers(model.manifest, component)
+                estimate = (
+                    sum({layer.digest: layer.size for layer in layers}.values()),
+                    len(layers),
+                )
+                groups = _Groups(plan, receive, reporter, started, estimate=estimate)
+                args = (session, model, component, dtype, verify, limits, send, plan, groups)
+                tg.start_soon(_produce_pulled, *args)
             reporter.emit(groups.event("planning"), force=True)
-            wait = None if session is None else session.wait
-            tg.start_soon(_produce, plan, dtype, verify, limits, send, wait)
             try:
                 yield plan, groups
             except Exception as exc:
@@ -296,17 +314,25 @@ class _Groups:
         receive: MemoryObjectReceiveStream[_Loaded],
         reporter: ProgressReporter,
         started: float,
+        *,
+        estimate: tuple[int, int] | None = None,
     ) -> None:
         self._receive = receive
         self._reporter = reporter
         self._started = started
         self._model = plan.model
-        self._total_bytes = plan.total_bytes
-        self._total_tensors = plan.total_tensors
+        self._total_bytes, self._total_tensors = estimate or (
+            plan.total_bytes,
+            plan.total_tensors,
+        )
         self._bytes = 0
         self._tensors = 0
         self._last: str | None = None
         self.finished = False
+
+    def settle(self, plan: Plan) -> None:
+        """The final totals, once a load planned segment by segment has its whole plan."""
+        self._total_bytes, self._total_tensors = plan.total_bytes, plan.total_tensors
 
     def event(self, phase: Phase) -> Progress:
         return Progress(
@@ -363,7 +389,6 @@ async def _produce(
     verify: bool,
     limits: Limits,
     send: MemoryObjectSendStream[_Loaded],
-    wait: Callable[[list[str]], Awaitable[None]] | None = None,
 ) -> None:
     indices = iter(range(len(plan.groups)))
     readers = _reader_threads(limits.reader_nice)
@@ -378,8 +403,6 @@ async def _produce(
             # its last return value alive, and a cancelled load must not pin a group.
             box: list[_Loaded] = []
             try:
-                if wait is not None:  # pulling: the group's blobs must be committed first
-                    await wait([blob.digest for blob in plan.groups[index]])
                 await anyio.to_thread.run_sync(load, index, box)
                 await send.send(box[0])
             finally:
@@ -388,6 +411,81 @@ async def _produce(
     async with send, anyio.create_task_group() as tg:
         for _ in range(min(limits.workers, len(plan.groups))):
             tg.start_soon(worker)
+
+
+async def _produce_pulled(
+    session: PullSession,
+    model: Model,
+    component: str | None,
+    dtype: mx.Dtype | None,
+    verify: bool,
+    limits: Limits,
+    send: MemoryObjectSendStream[_Loaded],
+    plan: Plan,
+    groups: _Groups,
+) -> None:
+    """Load a model while it is pulled: plan and load each run of committed blobs in turn.
+
+    A full plan needs every blob's header, which would wait for the whole download (or cost
+    a request per blob). Instead the tensor layers, in manifest order (the order they are
+    downloaded), are cut into segments at the first safe end (`segment_ends`) past the blobs
+    committed so far; each segment is planned on its own and its groups are loaded while
+    later blobs arrive. Names must not repeat across segments; at the end the whole model is
+    planned once more (headers cached), which gives the model-level quantization and the
+    order of `load_weights`, and must name exactly the tensors that were loaded.
+    """
+    layers = component_layers(model.manifest, component)
+    ends = segment_ends(layers)
+    configs = [layer for layer in model.manifest.layers if not layer.is_tensor]
+    owners: dict[str, tuple[str, str]] = {}
+    async with send:
+        if not layers:  # a GGUF model, or no such component: plan once every blob is in
+            await session.wait(layer.digest for layer in session.blobs)
+            whole = await make_plan(model, component, limits)
+            await _produce(whole, dtype, verify, limits, send.clone())
+            plan.blobs, plan.quantization, plan.groups = whole.blobs, whole.quantization, []
+            groups.settle(whole)
+            return
+        start = 0
+        while start < len(layers):
+            # Wait for the blobs up to the first safe end, then take in every later run of
+            # blobs already committed, up to a safe end.
+            end = next(e for e in ends if e > start)
+            await session.wait(layer.digest for layer in layers[start:end])
+            for later in ends:
+                if later <= end:
+                    continue
+                if not all(session.committed(layer.digest) for layer in layers[end:later]):
+                    break
+                end = later
+            part = msgspec.structs.replace(model.manifest, layers=[*configs, *layers[start:end]])
+            segment = Model(model.store, part, label=model.label, path=None, digest=model.digest)
+            segment_plan = await make_plan(segment, component, limits)
+            _claim(segment_plan, owners)
+            await _produce(segment_plan, dtype, verify, limits, send.clone())
+            start = end
+        whole = await make_plan(model, component, limits)
+        loaded = {(t.name, t.digest, t.key) for b in whole.blobs for t in b.tensors}
+        if loaded != {(n, d, k) for n, (d, k) in owners.items()}:
+            raise LoadError("the model's tensors changed while it was pulled", model=model.label)
+        plan.blobs, plan.quantization, plan.groups = whole.blobs, whole.quantization, []
+        groups.settle(whole)
+
+
+def _claim(plan: Plan, owners: dict[str, tuple[str, str]]) -> None:
+    """Record a segment's tensor names; a name another segment loaded is a duplicate."""
+    for blob in plan.blobs:
+        for tensor in blob.tensors:
+            previous = owners.get(tensor.name)
+            if previous is not None and previous != (tensor.digest, tensor.key):
+                raise DuplicateTensorError(
+                    f"tensor defined twice, also by blob {previous[0]}",
+                    model=plan.model,
+                    tensor=tensor.name,
+                    digest=tensor.digest,
+                    path=blob.path,
+                )
+            owners[tensor.name] = (tensor.digest, tensor.key)
 
 
 _READERS: dict[int | None, ThreadPoolExecutor] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,17 +98,8 @@ class Plan:
         return sum(len(b.tensors) for b in self.blobs)
 
 
-async def make_plan(
-    model: Model,
-    component: str | None,
-    limits: Limits,
-    *,
-    heads: Mapping[str, BlobHeader] | None = None,
-) -> Plan:
+async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan:
     """Plan the load of `component` (None or "" for every tensor) of `model`.
-
-    `heads` are validated headers of blobs not (yet) in the store, by digest: a pull fetches
-    them over HTTP so that a load can be planned before the blobs arrive.
 
     Raises:
         ComponentNotFoundError, BlobError and its subclasses, DuplicateTensorError,
@@ -129,10 +119,7 @@ async def make_plan(
         raise ComponentNotFoundError("", [], model=model.label)
     hint_label, hint_group = await _model_hints(model)
     paths = _blob_paths(model, layers)
-    local = [layer for layer in layers if not heads or layer.digest not in heads]
-    headers, contents = await _read_headers(model, local, paths, limits)
-    if heads:
-        headers.update({d: h for d, h in heads.items() if d in paths and d not in headers})
+    headers, contents = await _read_headers(model, layers, paths, limits)
 
     def finish() -> Plan:
         # Pure CPU over every tensor (tens of ms for thousands of blobs): off the event loop.

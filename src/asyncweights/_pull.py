@@ -30,7 +30,6 @@ import anyio.to_thread
 import httpx
 
 from ._errors import (
-    AsyncWeightsError,
     DigestMismatchError,
     InvalidNameError,
     RegistryError,
@@ -38,7 +37,6 @@ from ._errors import (
     StoreWriteError,
     typed_error,
 )
-from ._header import BlobHeader, parse_header
 from ._limits import Limits
 from ._manifest import MANIFEST_MEDIA_TYPES, Layer, Manifest, decode_manifest
 from ._names import ModelName, blob_file_name
@@ -50,14 +48,18 @@ from ._writer import write_pulled_manifest
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
-__all__ = ["PullSession", "open_session", "pull", "run_pull"]
+__all__ = [
+    "PullSession",
+    "component_layers",
+    "open_session",
+    "pull",
+    "run_pull",
+    "segment_ends",
+]
 
 MiB = 1 << 20
 #: Bytes rehashed per read when a partial download is resumed.
 _CHUNK = 1 * MiB
-#: The first request for a tensor blob's head asks for this much: the 8-byte length and,
-#: for all but the largest headers, the whole header in one round trip.
-_HEAD_BYTES = 16 * 1024
 _PARTIAL_SUFFIX = ".partial"
 
 
@@ -105,9 +107,6 @@ class PullSession:
         self.model: Model | None = None
         self.blobs: list[Layer] = []
         self._sizes: dict[str, int] = {}
-        #: validated headers of tensor blobs not yet in the store (fetched with Range)
-        self.heads: dict[str, BlobHeader] = {}
-        self._prefix: dict[str, bytes] = {}
         self._ready: dict[str, anyio.Event] = {}
         self._counts = _Counts()
 
@@ -197,54 +196,10 @@ class PullSession:
             present.add(layer.digest)
         return present
 
-    # -------------------------------------------------------------------------------- heads
-
-    async def fetch_heads(self, layers: list[Layer]) -> None:
-        """Fetch the header of each tensor blob not yet present, to plan a load from."""
-        missing = list({layer.digest: layer for layer in layers if layer.is_tensor}.values())
-        missing = [layer for layer in missing if layer.digest in self._ready]
-        todo = iter(missing)
-
-        async def worker() -> None:
-            for layer in todo:
-                await self._fetch_head(layer)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(4 * self.limits.pull_streams, len(missing))):
-                tg.start_soon(worker)
-
-    async def _fetch_head(self, layer: Layer) -> None:
-        want = min(layer.size, _HEAD_BYTES)
-        prefix = await self._get_range(layer, 0, want)
-        if len(prefix) >= 8:
-            n = int.from_bytes(prefix[:8], "little")
-            if len(prefix) < 8 + n <= layer.size:
-                prefix += await self._get_range(layer, len(prefix), 8 + n)
-        try:
-            header = parse_header(prefix, layer.size)
-        except AsyncWeightsError as exc:
-            exc.add_context(model=self.label, digest=layer.digest, tensor=layer.name or None)
-            raise
-        self.heads[layer.digest] = header
-        self._prefix[layer.digest] = prefix
-
-    async def _get_range(self, layer: Layer, start: int, end: int) -> bytes:
-        got = bytearray()
-        async with self.client.blob(self.repository, layer.digest, start=start, end=end) as r:
-            skip = start if r.status_code == 200 else 0  # the registry ignored the Range
-            try:
-                # Read to the end (a 206 body is exactly the range): see `_stream_into`.
-                async for chunk in r.aiter_raw():
-                    if skip:
-                        cut = min(skip, len(chunk))
-                        chunk, skip = chunk[cut:], skip - cut
-                    if len(got) < end - start:
-                        got += chunk
-            except httpx.TransportError as exc:
-                raise self.client.broken(
-                    f"blob head broke off: {exc}", self.repository, layer.digest
-                ) from exc
-        return bytes(got[: end - start])
+    def committed(self, digest: str) -> bool:
+        """Whether the blob is in the store (present before the pull, or committed by it)."""
+        event = self._ready.get(digest)
+        return event is None or event.is_set()
 
     # ---------------------------------------------------------------------------- download
 
@@ -307,16 +262,13 @@ class PullSession:
     async def _stream_into(self, fd: int, layer: Layer, partial: Path, final: Path) -> None:
         size, digest = layer.size, layer.digest
         hasher, have = await anyio.to_thread.run_sync(_resume, fd, size)
-        prefix = self._prefix.pop(digest, b"")
-        if have < len(prefix):
-            hasher, have = await anyio.to_thread.run_sync(_restart, fd, prefix)
         self._advance(digest, have)
         failures = 0
         while have < size:
             try:
                 async with self.client.blob(self.repository, digest, start=have) as response:
                     if response.status_code == 200 and have:  # no Range support: start over
-                        hasher, _ = await anyio.to_thread.run_sync(_restart, fd, b"")
+                        hasher, _ = await anyio.to_thread.run_sync(_restart, fd)
                         self._advance(digest, -have)
                         have = 0
                     # No await of ours inside this loop: a cancel or a failure then always
@@ -458,11 +410,9 @@ def _resume(fd: int, size: int) -> tuple[hashlib._Hash, int]:
     return hasher, offset
 
 
-def _restart(fd: int, prefix: bytes) -> tuple[hashlib._Hash, int]:
+def _restart(fd: int) -> tuple[hashlib._Hash, int]:
     os.ftruncate(fd, 0)
-    if prefix:
-        os.pwrite(fd, prefix, 0)
-    return hashlib.sha256(prefix), len(prefix)
+    return hashlib.sha256(), 0
 
 
 def _write(fd: int, chunk: bytes, offset: int, hasher: hashlib._Hash) -> None:
@@ -543,23 +493,59 @@ async def run_pull(
 ) -> None:
     """Pull for a load: report the model once it can be planned from, then finish the pull.
 
-    The task reports itself started once the manifest, the config and JSON layers are in
-    the store and the head of every missing tensor blob of `component` has been fetched.
+    The task reports itself started once the manifest, the config and the JSON layers are in
+    the store (the first tensor blobs download beside them); the tensor blobs come in
+    manifest order, those of `component` first (the order a load reads them), and the
+    manifest is written last.
     """
     async with session.client:
         manifest = await session.fetch_manifest()
-        small = [layer for layer in session.blobs if not layer.is_tensor]
-        await session.download(small)
-        wanted = manifest.tensor_layers
-        if component:
-            wanted = [layer for layer in wanted if (layer.name or "").startswith(component + "/")]
-        await session.fetch_heads(wanted)
-        assert session.model is not None
-        task_status.started(session.model)
-        first = {layer.digest for layer in wanted}
+        configs = [layer for layer in session.blobs if not layer.is_tensor]
+        wanted = component_layers(manifest, component)
+        first = {layer.digest for layer in [*configs, *wanted]}
         rest = [layer for layer in session.blobs if layer.digest not in first]
-        await session.download(wanted + rest)
+        async with anyio.create_task_group() as tg:
+            # One queue: the first tensor blobs download beside the small config blobs.
+            tg.start_soon(session.download, [*configs, *wanted, *rest])
+            await session.wait(layer.digest for layer in configs)
+            assert session.model is not None
+            task_status.started(session.model)
         await session.write_manifest()
+
+
+def component_layers(manifest: Manifest, component: str | None) -> list[Layer]:
+    """The tensor layers a load of `component` reads (all of them for None), in order."""
+    layers = manifest.tensor_layers
+    if component:
+        layers = [layer for layer in layers if (layer.name or "").startswith(component + "/")]
+    return layers
+
+
+def segment_ends(layers: list[Layer]) -> list[int]:
+    """Where a load may cut `layers` into segments planned on their own (exclusive ends).
+
+    A packed weight and its scales and biases must be planned together (the quantization
+    of ``X`` is read from ``X.scale``'s shape): layers whose names share a base (the name
+    without ``.scale``/``.bias``/``_scale``/``_qbias``, Ollama's companion suffixes) are never
+    split, wherever they sit in the list. Companions inside one blob travel with it anyway.
+    """
+    last: dict[str, int] = {}
+    for index, layer in enumerate(layers):
+        last[_base(layer.name or layer.digest)] = index
+    ends = []
+    reach = 0
+    for index, layer in enumerate(layers):
+        reach = max(reach, last[_base(layer.name or layer.digest)])
+        if reach == index:
+            ends.append(index + 1)
+    return ends
+
+
+def _base(name: str) -> str:
+    for suffix in (".scale", ".bias", "_scale", "_qbias", ".global_scale", "_scale_2"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 async def pull(
