@@ -60,6 +60,14 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Bu
         ),
         "slow": _image_model(builder, "slow", 24, seed=3),
     }
+    for era in ("E0", "E1", "E2", "E3"):
+        shapes: dict[str, tuple[int, ...]] = {
+            f"layers.{i}.mlp.{kind}.weight": (64, 128) for i in range(3) for kind in ("up", "down")
+        }
+        shapes["norm.weight"] = (128,)
+        models[f"q-{era.lower()}"] = builder.add_model(
+            f"q-{era.lower()}", random_weights(shapes, seed=era), era=era, quantize="int4"
+        )
     return root, models
 
 
@@ -444,6 +452,36 @@ async def test_first_tensor_arrives_before_the_pull_ends(
     assert missing_at_first[0] > len(models["slow"].layers) // 2
     assert_same(got, models["slow"].component("transformer"))
     assert_layout(store, root, models["slow"], "slow")
+
+
+@pytest.mark.parametrize("era", ["E0", "E1", "E2", "E3"])
+async def test_load_while_pulling_keeps_quantization_of_every_era(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+    era: str,
+) -> None:
+    """Segments planned as blobs arrive give the facts a whole-model plan gives."""
+    registry, _ = fake
+    _, models = source
+    registry.chunk = 1 * KiB
+    registry.delay = 0.001  # blobs trickle in: the load is cut into several segments
+    name = f"q-{era.lower()}"
+    store = tmp_path / "store"
+    streamed: dict[str, aw.Tensor] = {}
+    async with aw.stream_weights(name, store=store, pull=True, registry=registry.url) as tensors:
+        async for tensor in tensors:
+            streamed[tensor.name] = tensor
+    assert_same({n: t.array for n, t in streamed.items()}, models[name].expected)
+    local = await aw.load_weights(name, store=store)
+    assert {n: t.info for n, t in streamed.items()} == dict(local.info)
+    packed = [n for n, info in local.info.items() if info.quantization is not None]
+    assert len(packed) == 6
+    again = await aw.load_weights(name, store=tmp_path / "again", pull=True, registry=registry.url)
+    assert again.quantization == local.quantization
+    assert again.quantization is not None
+    assert dict(again.info) == dict(local.info)
+    assert list(again) == list(local)
 
 
 @pytest.mark.parametrize("stage", ["manifest", "planning", "blobs", "first-tensor", "late"])
