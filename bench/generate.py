@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from asyncweights._writer import JSON_MEDIA_TYPE, Tensor, iter_safetensors
+from asyncweights._manifest import JSON_MEDIA_TYPE
+from asyncweights._writer import RawTensor, iter_safetensors
 from asyncweights.testing import StoreBuilder
 
 GENERATOR_VERSION = 1
@@ -237,7 +238,7 @@ def generate(kind: str, specs: list[TensorSpec], scratch: Path, tag: str) -> Mod
     layers = []
     for index, spec in enumerate(specs):
         comp, _, key = spec.name.partition("/")
-        tensor = Tensor(key, spec.dtype, spec.shape, pools.chunks(spec, index))
+        tensor = RawTensor(key, spec.dtype, spec.shape, pools.chunks(spec, index))
         layers.append(builder.add_blob(spec.name, [tensor]))
     layers.append(builder.add_json("model_index.json", _model_index(kind)))
     for comp in COMPONENTS:
@@ -249,7 +250,7 @@ def generate(kind: str, specs: list[TensorSpec], scratch: Path, tag: str) -> Mod
     single = scratch / "single" / f"{kind}-{tag}.safetensors"
     single.parent.mkdir(parents=True, exist_ok=True)
     tmp = single.with_suffix(".tmp")
-    tensors = [Tensor(s.name, s.dtype, s.shape, pools.chunks(s, i)) for i, s in enumerate(specs)]
+    tensors = [RawTensor(s.name, s.dtype, s.shape, pools.chunks(s, i)) for i, s in enumerate(specs)]
     with open(tmp, "wb") as f:
         for chunk in iter_safetensors(tensors, style="go"):
             f.write(chunk)

@@ -102,7 +102,7 @@ def generate(path: Path, kind: str, layers: int) -> None:
 def ensure(scratch: Path, layers: int) -> dict[str, dict[str, Any]]:
     """Both models as GGUF files in a store under `scratch` (reused when present)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from asyncweights._writer import Layer
+    from asyncweights._manifest import Layer
     from asyncweights.testing import StoreBuilder
 
     store = scratch / f"gguf-store-{layers}"

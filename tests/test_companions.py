@@ -12,12 +12,12 @@ import pytest
 from safetensors.numpy import load_file
 
 import asyncweights as aw
-from asyncweights.testing import StoreBuilder, Tensor, random_array
+from asyncweights.testing import RawTensor, StoreBuilder, random_array
 
 GLOBAL_SCALE = 0.0123456789
 
 
-def tensor(name: str, array: mx.array) -> Tensor:
+def tensor(name: str, array: mx.array) -> RawTensor:
     from asyncweights._writer import tensor_from_array
 
     return tensor_from_array(name, array)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from asyncweights import HeaderError, InvalidNameError, ManifestError, ModelName, ModelStore
 from asyncweights._header import DTYPE_SIZES, parse_header
 from asyncweights._manifest import decode_manifest, encode_manifest
-from asyncweights._writer import Tensor, encode_header
+from asyncweights._writer import RawTensor, encode_header
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -114,7 +114,7 @@ def test_valid_generated_headers_round_trip(
 ) -> None:
     rnd.shuffle(specs)  # data order need not be key order
     tensors = [
-        Tensor(name, dtype, tuple(shape), bytes(DTYPE_SIZES[dtype] * math.prod(shape)))
+        RawTensor(name, dtype, tuple(shape), bytes(DTYPE_SIZES[dtype] * math.prod(shape)))
         for name, dtype, shape in specs
     ]
     head = encode_header(tensors, style=style, metadata=metadata)

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as Q
 
 import asyncweights as aw
 from asyncweights._gguf import parse_gguf, read_gguf_header
-from asyncweights._writer import Layer
+from asyncweights._manifest import Layer
 from asyncweights.testing import StoreBuilder
 
 from .conftest import wait_quiet

@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import mlx.core as mx
+import msgspec
 import pytest
 
 import asyncweights as aw
@@ -188,8 +189,8 @@ async def test_a_huge_config_blob_is_refused_before_any_read(
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {**config.to_dict(), "size": huge},
-        "layers": [weights.to_dict()],
+        "config": {**msgspec.to_builtins(config), "size": huge},
+        "layers": [msgspec.to_builtins(weights)],
     }
     from asyncweights._writer import write_manifest
 

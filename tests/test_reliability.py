@@ -21,13 +21,14 @@ from typing import Any
 
 import anyio
 import mlx.core as mx
+import msgspec
 import pytest
 
 import asyncweights as aw
 from asyncweights import _load
 from asyncweights._errors import InvalidDigestError
+from asyncweights._manifest import CONFIG_MEDIA_TYPE, TENSOR_MEDIA_TYPE, Layer
 from asyncweights._manifest import Layer as ManifestLayer
-from asyncweights._writer import CONFIG_MEDIA_TYPE, TENSOR_MEDIA_TYPE, Layer
 from asyncweights.testing import StoreBuilder, random_weights
 
 from .conftest import wait_quiet
@@ -118,8 +119,8 @@ def valid_manifest(builder: StoreBuilder) -> dict[str, Any]:
     return {
         "schemaVersion": 2,
         "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": config.to_dict(),
-        "layers": [layer.to_dict()],
+        "config": msgspec.to_builtins(config),
+        "layers": [msgspec.to_builtins(layer)],
     }
 
 
@@ -243,10 +244,10 @@ async def test_unknown_layer_media_types_are_skipped(
     gguf = builder.add_bytes("", b"GGUF....", media_type="application/vnd.ollama.image.model")
     doc = dict(model.manifest)
     doc["layers"] = [
-        garbage.to_dict(),
+        msgspec.to_builtins(garbage),
         {"mediaType": absent.media_type, "digest": absent.digest, "size": absent.size},
         *model.manifest["layers"],
-        gguf.to_dict(),
+        msgspec.to_builtins(gguf),
         {
             "mediaType": "application/vnd.ollama.image.params",
             "digest": "sha256:" + "cd" * 32,
@@ -1186,8 +1187,10 @@ _EMFILE_SCRIPT = textwrap.dedent(
     import hashlib, json, os, resource, sys, time
     import anyio, mlx.core as mx
     import asyncweights as aw
-    from asyncweights._writer import encode_safetensors, Tensor, write_manifest, build_manifest
-    from asyncweights._writer import Layer, build_config, CONFIG_MEDIA_TYPE, TENSOR_MEDIA_TYPE
+    from asyncweights._writer import encode_safetensors, RawTensor, write_manifest
+    from asyncweights._manifest import build_manifest
+    from asyncweights._manifest import Layer, CONFIG_MEDIA_TYPE, TENSOR_MEDIA_TYPE
+    from asyncweights._writer import build_config
     root, count = sys.argv[1], int(sys.argv[2])
     os.makedirs(f"{root}/blobs", exist_ok=True)
 
@@ -1201,7 +1204,7 @@ _EMFILE_SCRIPT = textwrap.dedent(
     for i in range(count):
         name = f"layers.{i}.w"
         data = encode_safetensors(
-            [Tensor(name, "I32", (1,), i.to_bytes(4, "little"))], style="go")
+            [RawTensor(name, "I32", (1,), i.to_bytes(4, "little"))], style="go")
         layers.append(Layer(TENSOR_MEDIA_TYPE, put(data), len(data), name))
     config = build_config()
     manifest = build_manifest(Layer(CONFIG_MEDIA_TYPE, put(config), len(config)), layers)

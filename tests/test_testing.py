@@ -10,7 +10,8 @@ import pytest
 import safetensors
 
 from asyncweights import Quantization
-from asyncweights._writer import CONFIG_MEDIA_TYPE, JSON_MEDIA_TYPE, TENSOR_MEDIA_TYPE, Tensor
+from asyncweights._manifest import CONFIG_MEDIA_TYPE, JSON_MEDIA_TYPE, TENSOR_MEDIA_TYPE
+from asyncweights._writer import RawTensor
 from asyncweights.testing import (
     BuiltModel,
     Era,
@@ -326,7 +327,7 @@ def test_low_level_builder_writes_hand_made_layouts(tmp_path: Path) -> None:
     b = StoreBuilder(tmp_path)
     tensor = b.add_blob(
         "x.weight",
-        [Tensor("x.weight", "U8", (3,), b"abc"), Tensor("a", "F8_E4M3", (1,), b"\x38")],
+        [RawTensor("x.weight", "U8", (3,), b"abc"), RawTensor("a", "F8_E4M3", (1,), b"\x38")],
         style="mlx",
         metadata={"note": "hand"},
     )

@@ -9,23 +9,27 @@ from typing import Any, cast
 
 import ml_dtypes  # importing it registers bfloat16 with numpy, for safe_open
 import mlx.core as mx
+import msgspec
 import numpy as np
 import pytest
 import safetensors
 from safetensors import safe_open
 
-from asyncweights._writer import (
+from asyncweights._header import DTYPE_SIZES
+from asyncweights._manifest import (
     CONFIG_MEDIA_TYPE,
-    DTYPE_SIZES,
     JSON_MEDIA_TYPE,
     TENSOR_MEDIA_TYPE,
-    Blob,
     Layer,
+    build_manifest,
+    decode_manifest,
+)
+from asyncweights._writer import (
+    Blob,
+    RawTensor,
     Style,
-    Tensor,
     blob_path,
     build_config,
-    build_manifest,
     encode_header,
     encode_json,
     encode_safetensors,
@@ -60,7 +64,7 @@ def load_mlx(path: Path) -> dict[str, mx.array]:
 
 
 def test_go_bf16_blob_is_format_8_2_byte_for_byte(tmp_path: Path) -> None:
-    blob = write_tensor_blob(tmp_path, [Tensor("data", "BF16", (2, 4), NORM_DATA)], style="go")
+    blob = write_tensor_blob(tmp_path, [RawTensor("data", "BF16", (2, 4), NORM_DATA)], style="go")
     assert blob == Blob(NORM_DIGEST, 88)
     data = blob_path(tmp_path, NORM_DIGEST).read_bytes()
     header = b'{"data":{"dtype":"BF16","shape":[2,4],"data_offsets":[0,16]}}   '
@@ -74,17 +78,17 @@ def test_e0_quantized_set_is_format_8_3(tmp_path: Path) -> None:
     )
     cases = [
         (
-            Tensor("data", "U32", (4, 8), WORDS),
+            RawTensor("data", "U32", (4, 8), WORDS),
             "f62633f1b3f7fadae519f4df0a8634d939767ffe0b6812915e6f796fb99beae9",
             b'{"__metadata__":null,"data":{"data_offsets":[0,128],"dtype":"U32","shape":[4,8]}}',
         ),
         (
-            Tensor("data", "BF16", (4, 2), b"\x00\x3e" * 8),
+            RawTensor("data", "BF16", (4, 2), b"\x00\x3e" * 8),
             "95634a4c0324644544377b6cb9de14c44ada0bcae4d793fdf86d6952c911ff56",
             scale_header,
         ),
         (
-            Tensor("data", "BF16", (4, 2), b"\x80\xbf" * 8),
+            RawTensor("data", "BF16", (4, 2), b"\x80\xbf" * 8),
             "41646e116a0bc4b87d2e7eb97f571fc4ef1653e3b3b81eb39648bc88dddfb4ca",
             scale_header,
         ),
@@ -98,9 +102,9 @@ def test_e0_quantized_set_is_format_8_3(tmp_path: Path) -> None:
 
 def test_e1_combined_blob_is_format_8_4(tmp_path: Path) -> None:
     tensors = [
-        Tensor(Q, "U32", (4, 8), WORDS),
-        Tensor(Q + ".scale", "BF16", (4, 1), b"\x00\x3e" * 4),
-        Tensor(Q + ".bias", "BF16", (4, 1), b"\x80\xbf" * 4),
+        RawTensor(Q, "U32", (4, 8), WORDS),
+        RawTensor(Q + ".scale", "BF16", (4, 1), b"\x00\x3e" * 4),
+        RawTensor(Q + ".bias", "BF16", (4, 1), b"\x80\xbf" * 4),
     ]
     meta = {"quant_type": "int4", "group_size": "64"}
     blob = write_tensor_blob(tmp_path, tensors, style="mlx", metadata=meta)
@@ -118,7 +122,9 @@ def test_e1_combined_blob_is_format_8_4(tmp_path: Path) -> None:
 
 
 def test_e1_norm_blob_is_104_bytes_with_6_spaces() -> None:
-    data = encode_safetensors([Tensor("model.norm.weight", "BF16", (2, 4), NORM_DATA)], style="go")
+    data = encode_safetensors(
+        [RawTensor("model.norm.weight", "BF16", (2, 4), NORM_DATA)], style="go"
+    )
     assert len(data) == 104
     assert data[:8] == (80).to_bytes(8, "little")
     assert data[82:88] == b" " * 6
@@ -178,7 +184,9 @@ def test_manifest_is_one_compact_line(tmp_path: Path) -> None:
         '{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json",'
         '"config":{"mediaType":"application/vnd.docker.container.image.v1+json",'
     )
-    assert json.loads(text) == manifest
+    assert json.loads(text) == msgspec.to_builtins(manifest)
+    # The reader decodes what the writer wrote into the same Struct.
+    assert decode_manifest(text.encode()) == manifest
     assert json.loads(text)["config"] == {
         "mediaType": CONFIG_MEDIA_TYPE,
         "digest": "sha256:" + "c" * 64,
@@ -221,9 +229,9 @@ def test_every_dtype_reads_back_bit_exact(tmp_path: Path, style: Style) -> None:
         data = (
             bytes([0, 1, 1, 0, 1, 0]) if dtype == "BOOL" else bytes((i + j) % 256 for j in range(n))
         )
-        tensors.append(Tensor(f"t.{dtype}", dtype, (2, 3), data))
-    tensors.append(Tensor("t.scalar", "F32", (), b"\x00\x00\x80\x3f"))
-    tensors.append(Tensor("t.empty", "F16", (0, 4), b""))
+        tensors.append(RawTensor(f"t.{dtype}", dtype, (2, 3), data))
+    tensors.append(RawTensor("t.scalar", "F32", (), b"\x00\x00\x80\x3f"))
+    tensors.append(RawTensor("t.empty", "F16", (0, 4), b""))
     blob = write_tensor_blob(tmp_path, tensors[::-1], style=style, metadata={"k": "v"})
     path = blob_path(tmp_path, blob.digest)
     assert path.stat().st_size == blob.size
@@ -242,7 +250,7 @@ def test_every_dtype_reads_back_bit_exact(tmp_path: Path, style: Style) -> None:
 
 
 def test_data_order_follows_the_given_order(tmp_path: Path) -> None:
-    tensors = [Tensor(k, "U8", (2,), k.encode()) for k in ("zz", "mm", "aa")]
+    tensors = [RawTensor(k, "U8", (2,), k.encode()) for k in ("zz", "mm", "aa")]
     header = encode_header(tensors, style="mlx")
     decoded = json.loads(header[8:])
     assert list(decoded) == ["__metadata__", "aa", "mm", "zz"]
@@ -252,11 +260,13 @@ def test_data_order_follows_the_given_order(tmp_path: Path) -> None:
 
 
 def test_go_header_padding_and_metadata_placement() -> None:
-    t = Tensor("a", "U8", (1,), b"x")
+    t = RawTensor("a", "U8", (1,), b"x")
     plain = encode_header([t], style="go")
     assert b"__metadata__" not in plain
     assert len(plain) % 8 == 0
-    with_meta = encode_header([Tensor("A", "U8", (1,), b"x"), t], style="go", metadata={"q": "1"})
+    with_meta = encode_header(
+        [RawTensor("A", "U8", (1,), b"x"), t], style="go", metadata={"q": "1"}
+    )
     # Keys sort by byte: an upper-case name comes before "__metadata__", a lower-case one after.
     body = json.loads(with_meta[8:])
     assert list(body) == ["A", "__metadata__", "a"]
@@ -285,16 +295,16 @@ def test_tensor_from_array_handles_views_and_dtypes(tmp_path: Path) -> None:
 
 def test_invalid_tensors_are_rejected() -> None:
     with pytest.raises(ValueError, match="unknown safetensors dtype"):
-        Tensor("x", "F64", (1,), b"\x00" * 8)
+        RawTensor("x", "F64", (1,), b"\x00" * 8)
     with pytest.raises(ValueError, match="negative"):
-        Tensor("x", "U8", (-1,), b"")
-    t = Tensor("x", "U8", (1,), b"x")
+        RawTensor("x", "U8", (-1,), b"")
+    t = RawTensor("x", "U8", (1,), b"x")
     with pytest.raises(ValueError, match="duplicate or reserved"):
         encode_header([t, t], style="go")
     with pytest.raises(ValueError, match="duplicate or reserved"):
-        encode_header([Tensor("__metadata__", "U8", (1,), b"x")], style="mlx")
+        encode_header([RawTensor("__metadata__", "U8", (1,), b"x")], style="mlx")
     with pytest.raises(ValueError, match="does not match 2 bytes"):
-        encode_safetensors([Tensor("x", "U8", (2,), b"abc")], style="go")
+        encode_safetensors([RawTensor("x", "U8", (2,), b"abc")], style="go")
     with pytest.raises(ValueError, match="invalid digest"):
         blob_path("/r", "sha256:../../etc")
 
@@ -306,8 +316,8 @@ def test_chunked_data_streams_like_bytes(tmp_path: Path) -> None:
         for i in range(0, len(data), 1000):
             yield data[i : i + 1000]
 
-    streamed = write_tensor_blob(tmp_path, [Tensor("x", "U32", (1024,), chunks())], style="go")
-    whole = write_tensor_blob(tmp_path, [Tensor("x", "U32", (1024,), data)], style="go")
+    streamed = write_tensor_blob(tmp_path, [RawTensor("x", "U32", (1024,), chunks())], style="go")
+    whole = write_tensor_blob(tmp_path, [RawTensor("x", "U32", (1024,), data)], style="go")
     assert streamed == whole
     assert blob_files(tmp_path) == ["sha256-" + whole.digest[7:]]
 
@@ -328,7 +338,7 @@ def test_error_mid_write_leaves_no_blob_and_no_temp(tmp_path: Path) -> None:
         yield b"\x00" * 4096
         raise OSError("disk on fire")
 
-    tensors = [Tensor("a", "U8", (8,), b"\x01" * 8), Tensor("b", "U8", (8192,), failing())]
+    tensors = [RawTensor("a", "U8", (8,), b"\x01" * 8), RawTensor("b", "U8", (8192,), failing())]
     with pytest.raises(OSError, match="disk on fire"):
         write_tensor_blob(tmp_path, tensors, style="mlx")
     assert blob_files(tmp_path) == []
@@ -336,7 +346,7 @@ def test_error_mid_write_leaves_no_blob_and_no_temp(tmp_path: Path) -> None:
 
 def test_short_data_leaves_no_blob(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not match 16 bytes"):
-        write_tensor_blob(tmp_path, [Tensor("x", "F32", (4,), [b"\x00" * 8])], style="go")
+        write_tensor_blob(tmp_path, [RawTensor("x", "F32", (4,), [b"\x00" * 8])], style="go")
     assert blob_files(tmp_path) == []
 
 

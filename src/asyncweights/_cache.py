@@ -31,6 +31,7 @@ from ._errors import (
     InvalidNameError,
     LoadError,
 )
+from ._header import FLOAT_DTYPES
 from ._limits import Limits
 from ._load import ModelRef, StoreRef, load_weights
 from ._manifest import Manifest
@@ -52,8 +53,6 @@ __all__ = ["CacheEntry", "CacheKey", "CacheStats", "WeightCache"]
 
 #: How long a waiter that abandons a load waits, shielded, for its files and threads to go.
 _ABANDON_WAIT = 5.0
-#: Safetensors dtypes a ``dtype=`` conversion applies to (as in `load_weights`).
-_FLOATING = frozenset({"F16", "BF16", "F32", "F64"})
 
 State = Literal["loading", "ready", "failed"]
 
@@ -705,7 +704,7 @@ def _estimate(plan: Plan, dtype: mx.Dtype | None) -> int:
     for blob in plan.blobs:
         sizes: dict[str, int] = {}
         for t in blob.tensors:
-            convert = not t.companion and t.quantization is None and t.entry.dtype in _FLOATING
+            convert = not t.companion and t.quantization is None and t.entry.dtype in FLOAT_DTYPES
             count = 1
             for dim in t.entry.shape:
                 count *= dim

@@ -5,7 +5,7 @@ and ``transformer`` in bf16, ``vae`` in f32, named blobs as in FORMAT.md §3.2) 
 int4 variant that shares every unquantized blob with it. It is written deterministically
 into a store under the user cache directory and reused while complete.
 
-Tensor bytes are cheap to make: a few megabytes of normal values are drawn once per dtype
+RawTensor bytes are cheap to make: a few megabytes of normal values are drawn once per dtype
 and each tensor is that block, rotated by an offset derived from its name and repeated, so
 generation is bound by writing and hashing, not by a random number generator.
 """
@@ -29,17 +29,13 @@ import mlx.core as mx
 
 from ._errors import AsyncWeightsError
 from ._import import write_quantized
+from ._manifest import CONFIG_MEDIA_TYPE, JSON_MEDIA_TYPE, TENSOR_MEDIA_TYPE, Layer, build_manifest
 from ._names import ModelName
 from ._quant import quant_params, should_quantize
 from ._store import ModelStore
 from ._writer import (
-    CONFIG_MEDIA_TYPE,
-    JSON_MEDIA_TYPE,
-    TENSOR_MEDIA_TYPE,
-    Layer,
-    Tensor,
+    RawTensor,
     build_config,
-    build_manifest,
     encode_json,
     write_blob,
     write_manifest,
@@ -233,7 +229,7 @@ class _Patterns:
 def _write_plain(root: Path, patterns: _Patterns, tensor: DemoTensor) -> Layer:
     # Image-gen named blobs key an unquantized tensor by its bare name (FORMAT.md §3.2).
     key = tensor.name.split("/", 1)[1]
-    data = Tensor(key, tensor.dtype, tensor.shape, patterns.chunks(tensor))
+    data = RawTensor(key, tensor.dtype, tensor.shape, patterns.chunks(tensor))
     blob = write_tensor_blob(root, [data], style="go")
     return Layer(TENSOR_MEDIA_TYPE, blob.digest, blob.size, tensor.name)
 

@@ -13,8 +13,9 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import mlx.core as mx
 import msgspec
 
 from ._errors import HeaderError, UnsupportedDTypeError
@@ -22,28 +23,87 @@ from ._files import open_file
 from ._json import FAST_BYTES, JSONError, decode_text, loads_stepwise
 from ._limits import Limits
 
-__all__ = ["DTYPE_SIZES", "MAX_HEADER", "BlobHeader", "TensorEntry", "parse_header", "read_header"]
+__all__ = [
+    "DTYPES",
+    "DTYPE_SIZES",
+    "FLOAT_DTYPES",
+    "MAX_HEADER",
+    "BlobHeader",
+    "DType",
+    "TensorEntry",
+    "dtype_name",
+    "parse_header",
+    "read_header",
+]
 
 #: MLX's bound: the header length must be below 100,000,000 bytes (FORMAT.md §6.1).
 MAX_HEADER = 100_000_000
-#: Every dtype string MLX loads, with its item size in bytes (FORMAT.md §6.6).
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E8M0": 1,
-    "U16": 2,
-    "I16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "U32": 4,
-    "I32": 4,
-    "F32": 4,
-    "U64": 8,
-    "I64": 8,
-    "C64": 8,
+
+
+@dataclass(frozen=True, slots=True)
+class DType:
+    """One safetensors dtype as MLX loads it: the one table reader and writer share.
+
+    Attributes:
+        name: the dtype string in a header (``"BF16"``).
+        size: bytes per element.
+        mlx: the MLX dtype it loads as; MLX loads both FP8 kinds as raw bytes (``uint8``).
+        format: the `memoryview` format of the same width (the buffer protocol cannot
+            spell bfloat16, float16 or complex64; their bytes are viewed as the MLX dtype).
+        floating: a floating-point dtype, which a ``dtype=`` conversion applies to.
+    """
+
+    name: str
+    size: int
+    mlx: mx.Dtype
+    format: Literal["B", "H", "I", "Q"]
+    floating: bool = False
+
+
+#: Every dtype string MLX loads (mlx ``io/safetensors.cpp``), by name.
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("BOOL", 1, mx.bool_, "B"),
+        DType("U8", 1, mx.uint8, "B"),
+        DType("I8", 1, mx.int8, "B"),
+        DType("F8_E4M3", 1, mx.uint8, "B"),
+        DType("F8_E8M0", 1, mx.uint8, "B"),
+        DType("U16", 2, mx.uint16, "H"),
+        DType("I16", 2, mx.int16, "H"),
+        DType("F16", 2, mx.float16, "H", floating=True),
+        DType("BF16", 2, mx.bfloat16, "H", floating=True),
+        DType("U32", 4, mx.uint32, "I"),
+        DType("I32", 4, mx.int32, "I"),
+        DType("F32", 4, mx.float32, "I", floating=True),
+        DType("U64", 8, mx.uint64, "Q"),
+        DType("I64", 8, mx.int64, "Q"),
+        DType("C64", 8, mx.complex64, "Q"),
+    )
 }
+#: Item size in bytes by dtype string.
+DTYPE_SIZES: dict[str, int] = {name: d.size for name, d in DTYPES.items()}
+#: The floating-point dtype strings.
+FLOAT_DTYPES = frozenset(name for name, d in DTYPES.items() if d.floating)
+# The first name of each MLX dtype: U8 for uint8, not an FP8 kind.
+_NAMES: dict[mx.Dtype, str] = {}
+for _d in DTYPES.values():
+    _NAMES.setdefault(_d.mlx, _d.name)
+del _d
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """The safetensors dtype string of an MLX dtype.
+
+    Raises:
+        ValueError: no safetensors dtype MLX loads has it (float64).
+    """
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"MLX dtype {dtype} has no safetensors name MLX can load") from None
+
+
 _MAX_DIM = 2**31 - 1  # MLX keeps dimensions as int32
 _ENTRY_FIELDS = ('"dtype"', '"shape"', '"data_offsets"')
 

@@ -39,19 +39,15 @@ from ._errors import (
 )
 from ._files import read_file
 from ._limits import Limits
+from ._manifest import CONFIG_MEDIA_TYPE, JSON_MEDIA_TYPE, TENSOR_MEDIA_TYPE, Layer, build_manifest
 from ._names import ModelName
 from ._progress import Progress, ProgressCallback, ProgressReporter
 from ._quant import Quantization, quant_params, quantize_array, should_quantize
 from ._source import PackedSource, Source, SourceTensor, scan_source
 from ._store import Model, ModelStore
 from ._writer import (
-    CONFIG_MEDIA_TYPE,
-    JSON_MEDIA_TYPE,
-    TENSOR_MEDIA_TYPE,
-    Layer,
-    Tensor,
+    RawTensor,
     build_config,
-    build_manifest,
     encode_json,
     manifest_path,
     remove_stale_temps,
@@ -148,7 +144,7 @@ def _import_item(
         q = item.quantization
         names = [item.name, item.name + ".scale", item.name + ".bias"]
         parts = [
-            Tensor(key, t.entry.dtype, t.entry.shape, t.chunks(tally.add_bytes))
+            RawTensor(key, t.entry.dtype, t.entry.shape, t.chunks(tally.add_bytes))
             for key, t in zip(names, item.parts, strict=False)
         ]
         prefix = "" if q == model_quantization else item.name + "."
@@ -176,7 +172,7 @@ def _import_item(
         key = tensor.key
     else:
         key = tensor.name  # the reader names it exactly this, "/" and all (docs/format.md)
-    data = Tensor(key, entry.dtype, entry.shape, tensor.chunks(tally.add_bytes))
+    data = RawTensor(key, entry.dtype, entry.shape, tensor.chunks(tally.add_bytes))
     blob = write_tensor_blob(root, [data], style="go", created=created)
     tally.finish(tensor.name, 0)
     return [Layer(TENSOR_MEDIA_TYPE, blob.digest, blob.size, tensor.name)]

@@ -1,4 +1,5 @@
-"""msgspec Structs for Ollama manifests, manifest lists and their layers, and model kinds.
+"""msgspec Structs for Ollama manifests, manifest lists, their layers and the config blob,
+and model kinds: one set of Structs that the reader decodes and the writer encodes.
 
 docs/format.md describes the format; the media types and the list document follow Ollama's
 ``manifest/manifest.go`` (ollama/ollama PR #16590 at ``baa78e711``, shipped in v0.40).
@@ -7,6 +8,7 @@ docs/format.md describes the format; the media types and the list document follo
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast
 
@@ -14,6 +16,7 @@ import msgspec
 
 from ._errors import InvalidDigestError, ManifestError
 from ._json import FAST_BYTES, JSONError, decode_text, loads_stepwise
+from ._names import DIGEST_PATTERN
 
 __all__ = [
     "ADAPTER_MEDIA_TYPE",
@@ -32,10 +35,13 @@ __all__ = [
     "ManifestRef",
     "ModelConfig",
     "ModelKind",
+    "RootFS",
+    "build_manifest",
     "classify",
     "decode_config",
     "decode_document",
     "decode_manifest",
+    "encode_config",
     "encode_manifest",
 ]
 
@@ -63,9 +69,9 @@ _GGUF_MEDIA_TYPES = frozenset({MODEL_MEDIA_TYPE, ADAPTER_MEDIA_TYPE, PROJECTOR_M
 #: or projector, a cloud model (weights on a remote host), or no weights at all.
 ModelKind = Literal["tensor", "gguf", "adapter", "cloud", "empty"]
 
-Digest = Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-fA-F]{64}$")]
+Digest = Annotated[str, msgspec.Meta(pattern=DIGEST_PATTERN)]
 Size = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
-_DIGEST = re.compile(r"sha256:[0-9a-fA-F]{64}")
+_DIGEST = re.compile(DIGEST_PATTERN)
 _MAX_SIZE = 2**62
 # Decoding failures that mean "not a manifest": msgspec's own, bytes that are not UTF-8 (checked
 # with bytes.decode before msgspec runs: msgspec's own report of it changed wording in 0.23), and
@@ -76,7 +82,8 @@ _DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 class Layer(msgspec.Struct, rename="camel", omit_defaults=True, gc=False):
     """One manifest entry: a blob's media type, digest, size and optional logical name.
 
-    The digest is normalized to lowercase hex on decoding; unknown fields are ignored.
+    The digest is normalized to lowercase hex on decoding; unknown fields are ignored. An
+    empty name is no name (None), and is left out when encoded, as Ollama writes it.
     """
 
     media_type: str
@@ -94,6 +101,8 @@ class Layer(msgspec.Struct, rename="camel", omit_defaults=True, gc=False):
         if type(self.size) is not int or not 0 <= self.size <= _MAX_SIZE:
             raise ValueError(f"invalid layer size {self.size!r}")
         self.digest = self.digest.lower()
+        if not self.name:
+            self.name = None
 
     @property
     def is_tensor(self) -> bool:
@@ -106,17 +115,25 @@ class Layer(msgspec.Struct, rename="camel", omit_defaults=True, gc=False):
         return self.media_type == JSON_MEDIA_TYPE
 
 
-class Manifest(msgspec.Struct, rename="camel", omit_defaults=True):
-    """An Ollama manifest: schema version 2, a config blob and the layers in order."""
+class Manifest(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True):
+    """An Ollama manifest: schema version 2, a config blob and the layers in order.
+
+    Fields are encoded in Ollama's order; a missing media type means Docker's v2 manifest.
+    """
 
     schema_version: int
+    media_type: str = ""
     config: Layer
     layers: list[Layer]
-    media_type: str = MANIFEST_MEDIA_TYPE
     #: Ollama 0.40: the runner the manifest is for (``mlx``, ``ggml``, ``llamacpp``), if given
     runner: str = ""
     #: Ollama 0.40: the weight format (``safetensors``, ``gguf``), if given
     format: str = ""
+
+    def __post_init__(self) -> None:
+        # Decoded or built in Python alike; set, it is always encoded (Ollama always writes it).
+        if not self.media_type:
+            self.media_type = MANIFEST_MEDIA_TYPE
 
     @property
     def tensor_layers(self) -> list[Layer]:
@@ -160,8 +177,8 @@ class ManifestRef(msgspec.Struct, rename="camel", omit_defaults=True):
         if self.config is None:
             return None
         return Manifest(
-            self.schema_version, self.config, list(self.layers or []), self.media_type,
-            self.runner, self.format,
+            schema_version=self.schema_version, media_type=self.media_type, config=self.config,
+            layers=list(self.layers or []), runner=self.runner, format=self.format,
         )  # fmt: skip
 
 
@@ -173,24 +190,42 @@ class ManifestList(msgspec.Struct, rename="camel", omit_defaults=True):
     manifests: list[ManifestRef]
 
 
-class ModelConfig(msgspec.Struct, omit_defaults=True):
-    """The fields of the config blob (Ollama's ConfigV2) asyncweights uses.
+class RootFS(msgspec.Struct):
+    """The config blob's ``rootfs`` (required by the image spec; Ollama writes it empty)."""
+
+    type: str = ""
+    diff_ids: list[str] | None = None
+
+
+class ModelConfig(msgspec.Struct, kw_only=True):
+    """The config blob (Ollama's ConfigV2), fields in the order Ollama writes them.
 
     ``remote_host``/``remote_model`` mark a cloud model (``types/model/config.go`` at
     ollama ``fb3076099``); ``parser``/``renderer`` come with Ollama 0.40's MLX imports.
+    Unknown fields are ignored when decoding; `encode_config` writes it as Ollama does.
     """
 
     model_format: str = ""
-    file_type: str = ""
-    capabilities: list[str] | None = None
-    requires: str = ""
-    architecture: str = ""
     model_family: str = ""
+    model_families: list[str] | None = None
     model_type: str = ""
+    file_type: str = ""
+    renderer: str = ""
+    parser: str = ""
+    requires: str = ""
     remote_host: str = ""
     remote_model: str = ""
-    parser: str = ""
-    renderer: str = ""
+    capabilities: list[str] | None = None
+    architecture: str = ""
+    os: str = ""
+    rootfs: RootFS | None = msgspec.field(default_factory=RootFS)
+    draft: dict[str, Any] | None = None
+
+
+#: ConfigV2 fields Go writes only when set (``omitempty``); the others are always written.
+_OMIT_EMPTY = frozenset(
+    {"renderer", "parser", "requires", "remote_host", "remote_model", "capabilities", "draft"}
+)
 
 
 def classify(manifest: Manifest, config: ModelConfig | None) -> ModelKind:
@@ -347,3 +382,21 @@ def _describe(exc: Exception) -> str:
 def encode_manifest(manifest: Manifest) -> bytes:
     """Encode a manifest as compact JSON, as Ollama writes it (without the final newline)."""
     return _ENCODER.encode(manifest)
+
+
+def build_manifest(config: Layer, layers: Sequence[Layer]) -> Manifest:
+    """A schema-2 Docker manifest: the config layer, then the layers in order."""
+    return Manifest(
+        schema_version=2, media_type=MANIFEST_MEDIA_TYPE, config=config, layers=list(layers)
+    )
+
+
+def encode_config(config: ModelConfig) -> bytes:
+    """Encode a config blob as Ollama writes it: compact, fields in its order, ``omitempty``
+    fields left out when empty."""
+    fields = {
+        name: value
+        for name in config.__struct_fields__
+        if (value := getattr(config, name)) or name not in _OMIT_EMPTY
+    }
+    return _ENCODER.encode(fields)

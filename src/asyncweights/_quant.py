@@ -15,6 +15,8 @@ from typing import Literal, TypeAlias
 
 import mlx.core as mx
 
+from ._header import FLOAT_DTYPES
+
 __all__ = [
     "Era",
     "QuantSpec",
@@ -51,7 +53,6 @@ _ALIASES = {
     "mxfp8": "mxfp8",
 }
 _FP_SCALE_DTYPES = frozenset({"U8", "F8_E4M3", "F8_E8M0"})
-_FLOATS = frozenset({"F16", "BF16", "F32"})
 _AFFINE_GROUPS = frozenset({32, 64, 128})
 
 
@@ -115,7 +116,7 @@ def should_quantize(name: str, dtype: str, shape: Sequence[int], group_size: int
     """
     if name.startswith("vae/") or any(s in name for s in _SKIP):
         return False
-    if not name.endswith(".weight") or dtype not in _FLOATS or len(shape) < 2:
+    if not name.endswith(".weight") or dtype not in FLOAT_DTYPES or len(shape) < 2:
         return False
     return shape[-1] % group_size == 0
 
@@ -225,7 +226,7 @@ def _infer(
         if wc % sc or wc // sc not in by_ratio:
             raise ValueError(f"packed/scale ratio {wc}/{sc} fits no FP quantization")
         return Quantization.of(by_ratio[wc // sc])
-    if packed.scale_dtype not in _FLOATS:
+    if packed.scale_dtype not in FLOAT_DTYPES:
         raise ValueError(f"affine scales must be floating point, not {packed.scale_dtype}")
     candidates = []
     for bits, per_word in ((4, 8), (8, 4)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -27,31 +27,11 @@ from ._errors import (
 from ._files import StoreFile, open_file
 from ._ggml import TARGETS, convert_blocks, mlx_dtype
 from ._gguf import GGUFFile
+from ._header import DTYPES
 from ._plan import BlobPlan
 from ._vfile import ArrayRequest, FillError, Span, fill_arrays, mlx_fills_through_readinto
 
 __all__ = ["read_direct", "read_gguf", "read_lazy", "verify_file"]
-
-# safetensors dtype -> (memoryview format of the same width, MLX dtype to view it as)
-_Format = Literal["B", "H", "I", "Q"]
-_VIEWS: dict[str, tuple[_Format, mx.Dtype]] = {
-    "F32": ("I", mx.float32),
-    "F16": ("H", mx.float16),
-    "BF16": ("H", mx.bfloat16),
-    "I64": ("Q", mx.int64),
-    "I32": ("I", mx.int32),
-    "I16": ("H", mx.int16),
-    "I8": ("B", mx.int8),
-    "U64": ("Q", mx.uint64),
-    "U32": ("I", mx.uint32),
-    "U16": ("H", mx.uint16),
-    "U8": ("B", mx.uint8),
-    "BOOL": ("B", mx.bool_),
-    "C64": ("Q", mx.complex64),
-    # MLX loads both FP8 kinds as raw bytes (FORMAT.md §6.6); so do we.
-    "F8_E4M3": ("B", mx.uint8),
-    "F8_E8M0": ("B", mx.uint8),
-}
 
 
 def read_direct(blob: BlobPlan, model: str, *, verify: bool) -> dict[str, mx.array]:
@@ -69,7 +49,7 @@ def read_direct(blob: BlobPlan, model: str, *, verify: bool) -> dict[str, mx.arr
         if tensor.key in arrays:
             continue
         entry = tensor.entry
-        fmt, dtype = _VIEWS[entry.dtype]
+        fmt, dtype = DTYPES[entry.dtype].format, DTYPES[entry.dtype].mlx
         # The buffer arrives with its shape; only dtypes the buffer protocol cannot spell
         # (bfloat16, float16, complex64) need a view. MLX copies the bytes.
         part = view[start + entry.begin : start + entry.end]
@@ -121,7 +101,7 @@ def read_lazy(blob: BlobPlan, model: str) -> dict[str, mx.array]:
         if (
             array is None
             or tuple(array.shape) != tensor.entry.shape
-            or array.dtype != _VIEWS[tensor.entry.dtype][1]
+            or array.dtype != DTYPES[tensor.entry.dtype].mlx
         ):
             raise BlobError(
                 "blob changed while loading", model=model, tensor=tensor.name,

@@ -1,6 +1,8 @@
 """Writing Ollama-style stores: safetensors blobs, JSON layers, config blobs and manifests.
 
-Everything here writes the way Ollama does (FORMAT.md §1-§3): content-addressed blobs under
+The writer uses the reader's own facts: paths from `_names`, the `Layer`, `Manifest` and
+`ModelConfig` Structs of `_manifest`, the dtype table of `_header`. Everything here writes
+the way Ollama does (docs/format.md): content-addressed blobs under
 ``<root>/blobs/sha256-<hex>``, written to a temporary file that the loader ignores, fsynced and
 renamed to their digest; manifests under ``<root>/manifests/<host>/<namespace>/<model>/<tag>``,
 written last, the same way.
@@ -35,6 +37,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple, TypeAlias
 import mlx.core as mx
 import msgspec
 
+from ._header import DTYPE_SIZES, dtype_name
+from ._layout import V2_HOST, encode_host, is_public
+from ._manifest import MANIFEST_MEDIA_TYPE, Manifest, ModelConfig, encode_config, encode_manifest
+from ._names import ModelName, blob_file_name
+
 if TYPE_CHECKING:
     from _typeshed import StrPath
 
@@ -42,10 +49,6 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 TensorData: TypeAlias = Buffer | Iterable[Buffer]
 Style: TypeAlias = Literal["go", "mlx"]
 
-TENSOR_MEDIA_TYPE = "application/vnd.ollama.image.tensor"
-JSON_MEDIA_TYPE = "application/vnd.ollama.image.json"
-CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
-MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 #: The components of an image-generation model, in Ollama's order (FORMAT.md §2.5).
 COMPONENTS = ("text_encoder", "transformer", "vae")
 #: Config layers Ollama imports for such a model, in its order (FORMAT.md §4.2).
@@ -61,46 +64,6 @@ IMAGEGEN_CONFIGS = (
     "tokenizer/vocab.json",
 )
 
-DTYPE_SIZES: Mapping[str, int] = {
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I8": 1,
-    "I16": 2,
-    "I32": 4,
-    "I64": 8,
-    "U8": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
-    "BOOL": 1,
-    "C64": 8,
-    "F8_E4M3": 1,
-    "F8_E8M0": 1,
-}
-
-_MLX_DTYPE_NAMES: Mapping[mx.Dtype, str] = {
-    mx.float32: "F32",
-    mx.float16: "F16",
-    mx.bfloat16: "BF16",
-    mx.int8: "I8",
-    mx.int16: "I16",
-    mx.int32: "I32",
-    mx.int64: "I64",
-    mx.uint8: "U8",
-    mx.uint16: "U16",
-    mx.uint32: "U32",
-    mx.uint64: "U64",
-    mx.bool_: "BOOL",
-    mx.complex64: "C64",
-}
-
-_DEFAULT_HOST = "registry.ollama.ai"
-_DEFAULT_NAMESPACE = "library"
-_DEFAULT_TAG = "latest"
-_PUBLIC_HOSTS = frozenset({"registry.ollama.ai", "ollama.com"})
-_V2_PUBLIC_HOST = "ollama.com"
-_HEX_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _TEMP_SUFFIX = ".tmp"
 #: Every temporary file this package writes starts with this, then ``<pid>-``.
 TEMP_PREFIX = ".asyncweights-"
@@ -111,7 +74,7 @@ _encoder = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True, slots=True)
-class Tensor:
+class RawTensor:
     """One tensor to write: its key, safetensors dtype, shape and raw little-endian bytes.
 
     ``data`` is a bytes-like object, or an iterable of bytes-like chunks (produced lazily, so a
@@ -142,34 +105,8 @@ class Blob(NamedTuple):
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class Layer:
-    """A manifest layer entry (FORMAT.md §2.2)."""
-
-    media_type: str
-    digest: str
-    size: int
-    name: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The layer as Ollama writes it: ``name`` is omitted when empty."""
-        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest}
-        out["size"] = self.size
-        if self.name:
-            out["name"] = self.name
-        return out
-
-
-def dtype_name(dtype: mx.Dtype) -> str:
-    """The safetensors dtype string of an MLX dtype; raises ValueError for float64."""
-    try:
-        return _MLX_DTYPE_NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"MLX dtype {dtype} has no safetensors name MLX can load") from None
-
-
-def tensor_from_array(name: str, array: mx.array, *, dtype: str | None = None) -> Tensor:
-    """Evaluate an MLX array and wrap its bytes as a Tensor.
+def tensor_from_array(name: str, array: mx.array, *, dtype: str | None = None) -> RawTensor:
+    """Evaluate an MLX array and wrap its bytes as a `RawTensor`.
 
     Args:
         name: the key in the blob.
@@ -182,14 +119,14 @@ def tensor_from_array(name: str, array: mx.array, *, dtype: str | None = None) -
     # MLX arrays export the buffer protocol; the stubs of its Python 3.11 wheels do not
     # declare __buffer__ (those of 3.12+ do), hence an ignore that may be unused.
     view = memoryview(array).cast("B")  # type: ignore[arg-type, unused-ignore]
-    tensor = Tensor(name, dtype or dtype_name(array.dtype), tuple(array.shape), view)
+    tensor = RawTensor(name, dtype or dtype_name(array.dtype), tuple(array.shape), view)
     if tensor.nbytes != view.nbytes:
         raise ValueError(f"dtype {tensor.dtype} does not fit the {array.dtype} array {name!r}")
     return tensor
 
 
 def encode_header(
-    tensors: Sequence[Tensor], *, style: Style, metadata: Mapping[str, str] | None = None
+    tensors: Sequence[RawTensor], *, style: Style, metadata: Mapping[str, str] | None = None
 ) -> bytes:
     """Encode the 8-byte length prefix and JSON header; data follows in the order given."""
     entries: dict[str, Any] = {}
@@ -214,7 +151,7 @@ def encode_header(
 
 
 def iter_safetensors(
-    tensors: Sequence[Tensor], *, style: Style, metadata: Mapping[str, str] | None = None
+    tensors: Sequence[RawTensor], *, style: Style, metadata: Mapping[str, str] | None = None
 ) -> Iterator[Buffer]:
     """Yield a safetensors file as chunks: the header, then each tensor's bytes.
 
@@ -236,17 +173,19 @@ def iter_safetensors(
 
 
 def encode_safetensors(
-    tensors: Sequence[Tensor], *, style: Style, metadata: Mapping[str, str] | None = None
+    tensors: Sequence[RawTensor], *, style: Style, metadata: Mapping[str, str] | None = None
 ) -> bytes:
     """Encode a whole safetensors file in memory (for small tensors)."""
     return b"".join(iter_safetensors(tensors, style=style, metadata=metadata))
 
 
 def blob_path(root: StrPath, digest: str) -> Path:
-    """The path of a blob given its digest ``sha256:<hex>``."""
-    if not _HEX_DIGEST.fullmatch(digest):
-        raise ValueError(f"invalid digest {digest!r}")
-    return Path(root, "blobs", digest.replace(":", "-"))
+    """The path of a blob given its digest ``sha256:<hex>``.
+
+    Raises:
+        InvalidDigestError: (a ValueError) not ``sha256:`` and 64 hex digits.
+    """
+    return Path(root, "blobs", blob_file_name(digest))
 
 
 def write_blob(
@@ -389,7 +328,7 @@ def remove_stale_temps(directory: Path, *, min_age: float = STALE_TEMP_AGE) -> l
 
 def write_tensor_blob(
     root: StrPath,
-    tensors: Sequence[Tensor],
+    tensors: Sequence[RawTensor],
     *,
     style: Style,
     metadata: Mapping[str, str] | None = None,
@@ -421,77 +360,62 @@ def build_config(
     requires: str = "0.19.0",
     draft: Mapping[str, str] | None = None,
 ) -> bytes:
-    """Encode a ConfigV2 blob for a tensor model, field order as Ollama writes it (§2.3)."""
-    config: dict[str, Any] = {
-        "model_format": "safetensors",
-        "model_family": "",
-        "model_families": None,
-        "model_type": "",
-        "file_type": file_type,
-        "requires": requires,
-        "capabilities": list(capabilities),
-        "architecture": "",
-        "os": "",
-        "rootfs": {"type": "", "diff_ids": None},
-    }
-    if draft is not None:
-        config["draft"] = dict(draft)
-    return _encoder.encode(config)
+    """Encode a ConfigV2 blob for a tensor model, as Ollama writes it (`encode_config`)."""
+    config = ModelConfig(
+        model_format="safetensors",
+        file_type=file_type,
+        requires=requires,
+        capabilities=list(capabilities),
+        draft=None if draft is None else dict(draft),
+    )
+    return encode_config(config)
 
 
-def build_manifest(config: Layer, layers: Sequence[Layer]) -> dict[str, Any]:
-    """The manifest dict: schema version 2, the config layer, then the layers in order."""
-    return {
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": config.to_dict(),
-        "layers": [layer.to_dict() for layer in layers],
-    }
+def manifest_path(root: StrPath, name: str | ModelName) -> Path:
+    """The legacy manifest path of a model name: ``<root>/manifests/<host>/<ns>/<model>/<tag>``.
 
-
-def manifest_path(root: StrPath, name: str) -> Path:
-    """The manifest path for ``model``, ``ns/model``, ``host/ns/model``, each with ``:tag``.
-
-    Defaults fill host, namespace and tag (FORMAT.md §1.4); no validation is done, so tests can
-    write odd names on purpose.
+    Raises:
+        InvalidNameError: the name breaks Ollama's grammar.
     """
-    return Path(root, "manifests", *_name_parts(name))
+    parsed = name if isinstance(name, ModelName) else ModelName.parse(name)
+    return Path(root, "manifests", *parsed.parts)
 
 
-def manifest_v2_path(root: StrPath, name: str) -> Path:
+def manifest_v2_path(root: StrPath, name: str | ModelName) -> Path:
     """Where Ollama 0.40 links a name: ``<root>/manifests-v2/<host>/<ns>/<model>/<tag>``.
 
     The public host is spelled ``ollama.com`` (``registry.ollama.ai`` is the same host) and a
     ``:`` in the host is written ``%3A`` (Ollama ``manifest/paths.go`` ``V2PathForName``,
     ``encodeV2ManifestHost``, PR #16590).
+
+    Raises:
+        InvalidNameError: the name breaks Ollama's grammar.
     """
-    host, namespace, model, tag = _name_parts(name)
-    if host.lower() in _PUBLIC_HOSTS:
-        host = _V2_PUBLIC_HOST
-    return Path(root, "manifests-v2", host.replace(":", "%3A"), namespace, model, tag)
+    parsed = name if isinstance(name, ModelName) else ModelName.parse(name)
+    host, namespace, model, tag = parsed.parts
+    if is_public(host):
+        host = V2_HOST
+    return Path(root, "manifests-v2", encode_host(host), namespace, model, tag)
 
 
-def _name_parts(name: str) -> tuple[str, str, str, str]:
-    tag = _DEFAULT_TAG
-    colon, slash = name.rfind(":"), name.rfind("/")
-    if colon > slash:
-        name, tag = name[:colon], name[colon + 1 :]
-    parts = name.split("/")
-    if len(parts) > 3:
-        parts = ["/".join(parts[:-2]), *parts[-2:]]
-    host, namespace, model = [_DEFAULT_HOST, _DEFAULT_NAMESPACE][: 3 - len(parts)] + parts
-    host = host.split("://", 1)[-1]
-    return host, namespace, model, tag
-
-
-def write_manifest(root: StrPath, name: str, manifest: Mapping[str, Any] | bytes) -> Path:
+def write_manifest(
+    root: StrPath, name: str | ModelName, manifest: Manifest | Mapping[str, Any] | bytes
+) -> Path:
     """Write a manifest atomically as compact one-line JSON plus a newline (or bytes verbatim).
+
+    A `Manifest` is encoded as Ollama writes it; a mapping (a test's hand-made document) as
+    given.
 
     Returns:
         the manifest's path.
     """
     path = manifest_path(root, name)
-    data = manifest if isinstance(manifest, bytes) else _encoder.encode(manifest) + b"\n"
+    if isinstance(manifest, bytes):
+        data = manifest
+    elif isinstance(manifest, Manifest):
+        data = encode_manifest(manifest) + b"\n"
+    else:
+        data = _encoder.encode(manifest) + b"\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     with temp_file(path.parent) as (f, tmp_name), _naming(tmp_name):
         f.write(data)

@@ -27,20 +27,22 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 import mlx.core as mx
 import msgspec
 
-from ._quant import Era, Quantization, QuantSpec, quant_params, quantize_array, should_quantize
-from ._writer import (
-    COMPONENTS,
+from ._header import dtype_name
+from ._manifest import (
     CONFIG_MEDIA_TYPE,
-    IMAGEGEN_CONFIGS,
     JSON_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
     TENSOR_MEDIA_TYPE,
     Layer,
-    Style,
-    Tensor,
-    build_config,
     build_manifest,
-    dtype_name,
+)
+from ._quant import Era, Quantization, QuantSpec, quant_params, quantize_array, should_quantize
+from ._writer import (
+    COMPONENTS,
+    IMAGEGEN_CONFIGS,
+    RawTensor,
+    Style,
+    build_config,
     encode_json,
     manifest_path,
     tensor_from_array,
@@ -58,8 +60,8 @@ __all__ = [
     "Layer",
     "LayoutName",
     "MetadataStyle",
+    "RawTensor",
     "StoreBuilder",
-    "Tensor",
     "default_policy",
     "quant_params",
     "quantize_array",
@@ -186,7 +188,7 @@ class StoreBuilder:
     def add_blob(
         self,
         name: str,
-        tensors: Mapping[str, mx.array] | Iterable[Tensor],
+        tensors: Mapping[str, mx.array] | Iterable[RawTensor],
         *,
         style: Style = "go",
         metadata: Mapping[str, str] | None = None,
@@ -306,7 +308,14 @@ class StoreBuilder:
         manifest = build_manifest(config, layers)
         path = write_manifest(self.root, name, manifest)
         return BuiltModel(
-            name, path, manifest, config, layers, expected, dict(params), dict(tensors)
+            name,
+            path,
+            msgspec.to_builtins(manifest),
+            config,
+            layers,
+            expected,
+            dict(params),
+            dict(tensors),
         )
 
     # ------------------------------------------------------------- Ollama's layouts and kinds
@@ -534,7 +543,7 @@ class StoreBuilder:
             members = [n] if group is None else list(pack[group])
             if group is not None:
                 written.add(group)
-            entries: list[Tensor] = []
+            entries: list[RawTensor] = []
             keys: dict[str, Quantization] = {}
             for m in members:
                 key = _blob_key(m, m in quantized)
