@@ -37,6 +37,7 @@ __all__ = [
     "mlx_dtype",
     "output_nbytes",
     "outputs",
+    "read_raw",
 ]
 
 U8 = np.uint8
@@ -268,6 +269,26 @@ def convert_blocks(info: GGUFTensorInfo, read: Callable[[NDArray, int], None]) -
         scale_view[i : i + len(blocks)] = sc
         bias_view[i : i + len(blocks)] = bi
     return [weight, scales, biases]
+
+
+def read_raw(info: GGUFTensorInfo, read: Callable[[NDArray, int], None]) -> mx.array:
+    """A raw-type tensor (F16, F32, BF16 …) read by `read` straight into a fresh MLX array,
+    8 MiB at a time (``read(buffer, at)`` as for `convert_blocks`; file reads release the
+    GIL)."""
+    target = TARGETS[info.ggml_type]
+    if not info.count:
+        return mx.zeros(info.shape, dtype=_MX[target.dtype])
+    # bfloat16 has no buffer format: its bytes are read through a uint16 array
+    dtype = mx.uint16 if target.dtype == "BF16" else _MX[target.dtype]
+    array = mx.zeros(info.shape, dtype=dtype)
+    mx.eval(array)
+    mem = np.frombuffer(memoryview(array), dtype=U8)  # type: ignore[arg-type]
+    for at in range(0, len(mem), _RAW_CHUNK):
+        read(mem[at : at + _RAW_CHUNK], at)
+    return array.view(mx.bfloat16) if target.dtype == "BF16" else array
+
+
+_RAW_CHUNK = 8 << 20
 
 
 def _output(

@@ -15,21 +15,17 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
 from ._errors import (
     AsyncWeightsError,
     BlobError,
-    BudgetError,
     DigestMismatchError,
-    LoadError,
 )
 from ._files import StoreFile, open_file
-from ._ggml import TARGETS, convert_blocks, mlx_dtype
+from ._ggml import TARGETS, convert_blocks, read_raw
 from ._gguf import GGUFFile
 from ._header import DTYPES
 from ._plan import BlobPlan
-from ._vfile import ArrayRequest, FillError, Span, fill_arrays, mlx_fills_through_readinto
 
 __all__ = ["read_direct", "read_gguf", "read_lazy", "verify_file"]
 
@@ -140,46 +136,37 @@ def _check_digest(digest: hashlib._Hash, blob: BlobPlan, model: str) -> None:
 
 # ------------------------------------------------------------------------------------- GGUF
 
-#: raw GGUF tensors up to this size share one MLX buffer (norm vectors, biases)
-_GGUF_PACK = 64 * 1024
-
 
 def read_gguf(parts: list[BlobPlan], model: str) -> list[dict[str, mx.array]]:
     """Load GGUF parts (one tensor each) by byte range and convert them: arrays per part.
 
     Each blob file is opened once for the call and proved to be the file planned (size and
-    the header bytes that place the data). Raw types are read straight into their MLX
+    the header bytes that place the data). Raw types are read straight into fresh MLX
     arrays; block types are read a cache-sized chunk at a time and converted (numpy) into
-    fresh MLX arrays.
+    fresh MLX arrays. (Not through `_vfile.fill_arrays`: with mlx 0.32.4 a process that used
+    it aborted at exit in about 1 run of 4 here, "terminate called without an active
+    exception"; these reads never did in the same runs.)
     """
     files: dict[str, StoreFile] = {}
-    raw: list[ArrayRequest] = []
-    made: dict[int, list[mx.array]] = {}
+    out: list[dict[str, mx.array]] = []
     try:
         for part in parts:
             assert part.gguf is not None
             if part.path not in files:
                 files[part.path] = _open_gguf(part, part.gguf, model)
-        for i, part in enumerate(parts):
+        for part in parts:
             info = part.tensors[0].source
             assert info is not None
             assert part.gguf is not None
-            f = files[part.path]
-            start = part.gguf.data_start + info.offset
-            target = TARGETS[info.ggml_type]
-            if target.kind == "raw":
-                span = Span(f.fd, start, info.nbytes, tag=part)
-                raw.append(ArrayRequest(str(i), mlx_dtype(target.dtype), info.shape, [span]))
+            read = _reader(files[part.path], part.gguf.data_start + info.offset, part, model)
+            if TARGETS[info.ggml_type].kind == "raw":
+                made = [read_raw(info, read)]
             else:
-                made[i] = convert_blocks(info, _reader(f, start, part, model))
-        arrays = _fill(raw, model, _GGUF_PACK)
+                made = convert_blocks(info, read)
+            out.append({t.key: a for t, a in zip(part.tensors, made, strict=True)})
     finally:
         for f in files.values():
             f.close()
-    out: list[dict[str, mx.array]] = []
-    for i, part in enumerate(parts):
-        got = made.pop(i) if i in made else [arrays.pop(str(i))]
-        out.append({t.key: a for t, a in zip(part.tensors, got, strict=True)})
     return out
 
 
@@ -225,59 +212,3 @@ def _open_gguf(part: BlobPlan, gguf: GGUFFile, model: str) -> StoreFile:
             "blob changed while loading", model=model, digest=part.digest, path=part.path
         )
     return f
-
-
-def _fill(requests: list[ArrayRequest], model: str, pack_upto: int) -> dict[str, mx.array]:
-    """Arrays from byte ranges: through `fill_arrays`, or numpy reads if MLX cannot."""
-    if not requests:
-        return {}
-    if not mlx_fills_through_readinto():
-        return {r.key: _read_numpy(r, model) for r in requests}
-    try:
-        return fill_arrays(requests, pack_upto=pack_upto)
-    except FillError as exc:
-        part = exc.span.tag if exc.span is not None else None
-        cause = exc.__cause__
-        raise LoadError(
-            f"reading tensors failed: {exc}",
-            model=model,
-            tensor=None if part is None else part.tensors[0].name,
-            digest=None if part is None else part.digest,
-            path=None if part is None else part.path,
-            errno=cause.errno if isinstance(cause, OSError) else None,
-        ) from exc
-    except RuntimeError as exc:
-        if "Unable to allocate" in str(exc):
-            raise BudgetError(f"out of memory reading tensors: {exc}", model=model) from exc
-        raise LoadError(f"reading tensors failed: {exc}", model=model) from exc
-
-
-def _read_numpy(request: ArrayRequest, model: str) -> mx.array:
-    """One array's span read into a numpy buffer and copied into MLX (the fallback path)."""
-    (span,) = request.spans
-    part = span.tag
-    data = bytearray(span.length)
-    done = 0
-    view = memoryview(data)
-    try:
-        while done < span.length:
-            n = os.preadv(span.fd, [view[done:]], span.offset + done)
-            if n == 0:
-                break
-            done += n
-    except OSError as exc:
-        raise LoadError(
-            f"cannot read blob: {exc.strerror}", model=model, digest=part.digest,
-            path=part.path, errno=exc.errno,
-        ) from exc  # fmt: skip
-    finally:
-        view.release()
-    if done != span.length:
-        raise BlobError(
-            "blob changed while loading: file ended early", model=model,
-            tensor=part.tensors[0].name, digest=part.digest, path=part.path,
-        )  # fmt: skip
-    array = mx.array(np.frombuffer(data, dtype=np.uint8))
-    if request.dtype != mx.uint8:
-        array = array.view(request.dtype)
-    return array.reshape(request.shape)
