@@ -82,14 +82,17 @@ async def test_nvfp4_global_scale_keeps_float32_and_dequantizes_exactly(
     assert weights.dequantize("norm.weight") is weights["norm.weight"]
 
 
+@pytest.mark.parametrize("blob_group", [64, 32])
 async def test_per_tensor_keys_beside_blob_wide_keys_in_a_go_written_blob(
-    builder: StoreBuilder, store_root: Path
+    builder: StoreBuilder, store_root: Path, blob_group: int
 ) -> None:
     """Ollama's Go writer (PR #17731) writes only the per-tensor fields that differ from the
-    blob-wide ones; a missing field takes the mode's default, not the blob's."""
+    blob-wide ones, so a missing per-tensor field is the blob-wide value, as Ollama's runner
+    reads it (x/mlxrunner/model/root.go)."""
     arrays = {n: random_array((32, 128), mx.float32, seed=n) for n in ("a", "b", "c")}
     entries = []
-    for name, group, bits in (("a", 64, 4), ("b", 64, 8), ("c", 32, 4)):
+    other = 128 if blob_group == 64 else 64
+    for name, group, bits in (("a", blob_group, 4), ("b", blob_group, 8), ("c", other, 4)):
         wq, scales, biases = mx.quantize(arrays[name], group_size=group, bits=bits)
         key = f"{name}.weight"
         entries += [
@@ -102,8 +105,8 @@ async def test_per_tensor_keys_beside_blob_wide_keys_in_a_go_written_blob(
         "packed",
         entries,
         style="go",
-        metadata={"quant_type": "int4", "group_size": "64",
-                  "b.weight.quant_type": "int8", "c.weight.group_size": "32"},
+        metadata={"quant_type": "int4", "group_size": str(blob_group),
+                  "b.weight.quant_type": "int8", "c.weight.group_size": str(other)},
     )  # fmt: skip
     builder.write_manifest("m:latest", [layer])
     assert header_length(blob_file(store_root, layer.digest)) % 8 == 0  # Go pads headers
@@ -111,9 +114,9 @@ async def test_per_tensor_keys_beside_blob_wide_keys_in_a_go_written_blob(
     weights = await aw.load_weights("m", store=store_root)
     facts = {n: weights.info[f"{n}.weight"].quantization for n in ("a", "b", "c")}
     assert facts == {
-        "a": aw.Quantization("int4", "affine", 4, 64),
-        "b": aw.Quantization("int8", "affine", 8, 64),  # int8's own default group
-        "c": aw.Quantization("int4", "affine", 4, 32),
+        "a": aw.Quantization("int4", "affine", 4, blob_group),
+        "b": aw.Quantization("int8", "affine", 8, blob_group),  # the blob-wide group
+        "c": aw.Quantization("int4", "affine", 4, other),
     }
     for name, q in facts.items():
         assert q is not None

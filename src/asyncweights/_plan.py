@@ -357,9 +357,10 @@ def _resolve_quantization(
             continue
         if tensor.entry.dtype != "U32":
             continue  # a real tensor that happens to have a `_scale` sibling
-        group_text = meta.get(tensor.key + ".group_size")
-        if group_text is None and meta.get(tensor.key + ".quant_type") is None:
-            group_text = meta.get("group_size")
+        # Each field falls back to the blob-wide one on its own: Ollama writes a per-tensor
+        # field only where it differs (ollama PR #17731, x/create/prequant.go) and reads them
+        # so (x/mlxrunner/model/root.go@fb3076099); a type's default group comes last.
+        group_text = meta.get(tensor.key + ".group_size") or meta.get("group_size")
         packed = Packed(
             tensor.entry.dtype,
             tensor.entry.shape,
