@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -710,3 +711,30 @@ async def test_streaming_a_big_blob_keeps_memory_bounded(store_root: Path) -> No
             del tensor
     assert count == 24
     assert mx.get_peak_memory() - before <= 6 * (32 << 20)
+
+
+async def test_degenerate_scales_match_mx_load(tmp_path: Path, store_root: Path) -> None:
+    """Infinite and NaN f16 scales, and scales whose f16 bias overflows (|d| = 1000: -128d and
+    -8d are beyond f16 for Q8_0), convert as mx.load converts them, without warnings."""
+    tensors = {}
+    for qtype, size in (("Q4_0", 18), ("Q8_0", 34)):
+        raw = random_blocks(qtype, 4, 64).reshape(-1, size)
+        special = np.array([np.inf, -np.inf, np.nan, 1000.0, -0.0, 6e-8, 1.0, 2.0], np.float16)
+        raw[:, 0:2] = special.view(np.uint8).reshape(8, 2)
+        tensors[f"blk.0.{qtype.lower()}.weight"] = (qtype, raw.reshape(4, -1))
+    path = write_gguf(tmp_path / "m.gguf", tensors)
+    StoreBuilder(store_root).add_gguf_model(MODEL, weights=path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weights = await aw.load_weights(MODEL, store=store_root)
+    expected = mx.load(os.fspath(path))
+    assert isinstance(expected, dict)
+    for name, array in expected.items():
+        ours, theirs = np.array(weights[name]), np.array(array)
+        if ours.dtype == np.float16:
+            # NaN payloads differ (MLX's f16 arithmetic makes 0x7D00 of 0x7E00): NaN where
+            # mx.load has NaN, every other value bit for bit
+            nan = np.isnan(theirs)
+            assert np.array_equal(np.isnan(ours), nan), name
+            ours, theirs = ours[~nan], theirs[~nan]
+        assert bits_equal(ours, theirs), name

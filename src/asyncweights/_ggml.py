@@ -251,6 +251,16 @@ def convert_blocks(info: GGUFTensorInfo, read: Callable[[NDArray, int], None]) -
             read(chunk, i * size)
             yield i, chunk.reshape(m, size)
 
+    with np.errstate(all="ignore"):  # inf/NaN scales convert as llama.cpp computes them
+        return _convert_chunks(info, target, n, chunks)
+
+
+def _convert_chunks(
+    info: GGUFTensorInfo,
+    target: Target,
+    n: int,
+    chunks: Callable[[], Iterator[tuple[int, NDArray]]],
+) -> list[mx.array]:
     if target.kind == "float":
         array, values = _output(info.shape, mx.float32, (n, _BLOCK[info.ggml_type]))
         for i, blocks in chunks():
@@ -313,8 +323,9 @@ _BLOCK.update(dict.fromkeys(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"), 25
 
 
 def _f16(blocks: NDArray, at: int) -> NDArray:
-    """The f16 at byte `at` of every block, shape (n, 1)."""
-    return np.ascontiguousarray(blocks[:, at : at + 2]).view(_F16)
+    """The f16 at byte `at` of every block, shape (n, 1): a view (blocks are contiguous rows
+    of an even number of bytes, and every f16 of every layout sits at an even offset)."""
+    return blocks.view("<f2")[:, at // 2 : at // 2 + 1]
 
 
 _LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
