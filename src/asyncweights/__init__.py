@@ -28,6 +28,7 @@ from ._errors import RegistryAuthError as RegistryAuthError
 from ._errors import RegistryError as RegistryError
 from ._errors import RegistryNotFoundError as RegistryNotFoundError
 from ._errors import RegistryServerError as RegistryServerError
+from ._errors import ShardError as ShardError
 from ._errors import SizeMismatchError as SizeMismatchError
 from ._errors import SourceError as SourceError
 from ._errors import StoreWriteError as StoreWriteError
@@ -49,6 +50,9 @@ from ._pull import pull as pull
 from ._quant import Quantization as Quantization
 from ._remove import Removal as Removal
 from ._remove import remove_model as remove_model
+from ._shard import Shard as Shard
+from ._shard import ShardSlice as ShardSlice
+from ._shard import check_shards as check_shards
 from ._store import Model as Model
 from ._store import ModelStore as ModelStore
 from ._weights import Tensor as Tensor
@@ -92,6 +96,9 @@ __all__ = [
     "RegistryNotFoundError",
     "RegistryServerError",
     "Removal",
+    "Shard",
+    "ShardError",
+    "ShardSlice",
     "SizeMismatchError",
     "SourceError",
     "StoreWriteError",
@@ -101,6 +108,7 @@ __all__ = [
     "UnsupportedModelError",
     "WeightCache",
     "Weights",
+    "check_shards",
     "import_model",
     "load_weights",
     "pull",

@@ -39,6 +39,7 @@ from ._names import ModelName
 from ._plan import Plan, make_plan
 from ._progress import Progress, ProgressCallback
 from ._pull import pull as pull_model
+from ._shard import Shard
 from ._store import Model, ModelStore
 
 if TYPE_CHECKING:
@@ -67,12 +68,14 @@ class CacheKey:
         component: the component, or None for every tensor.
         dtype: the requested dtype's name, or None.
         verify: whether blob digests were checked while loading.
+        shard: `Shard.key` of a sharded load, or None for the whole model.
     """
 
     digest: str
     component: str | None
     dtype: str | None
     verify: bool
+    shard: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +321,7 @@ class WeightCache:
         on_progress: ProgressCallback | None = None,
         pull: bool = False,
         registry: str | None = None,
+        shard: Shard | None = None,
     ) -> AsyncIterator[Weights]:
         """Lease the weights of `component` of `model`, loading them unless already loaded.
 
@@ -335,6 +339,8 @@ class WeightCache:
                 (`pull`: the manifest, then only missing blobs), then lease as usual; the
                 key is the pulled manifest's digest, so a changed tag loads afresh.
                 Concurrent pulls of one blob share its download (a file lock).
+            shard: this rank's part only (`Shard`, as for `load_weights`); part of the key,
+                and the budget counts only the bytes this rank holds.
 
         Raises:
             BudgetError: the load does not fit in ``max_bytes`` even after evicting every
@@ -350,7 +356,7 @@ class WeightCache:
                 on_progress=on_progress,
                 limits=limits or self.limits,
             )
-        entry = await self._attach(model, component, dtype, verify, limits)
+        entry = await self._attach(model, component, dtype, verify, limits, shard)
         hit = entry.state != "loading"
         weights = entry.take() if hit else await self._wait(entry, on_progress)
         try:
@@ -434,13 +440,20 @@ class WeightCache:
         dtype: mx.Dtype | None,
         verify: bool,
         limits: Limits | None,
+        shard: Shard | None = None,
     ) -> _Entry:
         """The entry of the key: ready (a hit), or loading (joined or started here)."""
         self._check_open()
         opened, digest = await self._open(model)
         self._check_open()
         component = component or None
-        key = CacheKey(digest, component, None if dtype is None else str(dtype), verify)
+        key = CacheKey(
+            digest,
+            component,
+            None if dtype is None else str(dtype),
+            verify,
+            None if shard is None else shard.key,
+        )
         # From here to the return there is no checkpoint: the maps cannot change under us.
         if (entry := self._ready.get(key)) is not None:
             self._counts["hits"] += 1
@@ -454,7 +467,7 @@ class WeightCache:
         self._running.add(entry)
         self._counts["loads"] += 1
         assert self._tg is not None
-        self._tg.start_soon(self._load, entry, opened, component, dtype, verify, limits)
+        self._tg.start_soon(self._load, entry, opened, component, dtype, verify, limits, shard)
         return entry
 
     async def _wait(self, entry: _Entry, on_progress: ProgressCallback | None) -> Weights:
@@ -496,12 +509,17 @@ class WeightCache:
         dtype: mx.Dtype | None,
         verify: bool,
         limits: Limits | None,
+        shard: Shard | None = None,
     ) -> None:
         limits = limits or self.limits
         weights: Weights | None = None
         try:
             with entry.scope:
-                plan = await make_plan(model, component, limits)
+                if shard is None:
+                    plan = await make_plan(model, component, limits)
+                else:
+                    plan = await make_plan(shard.select_layers(model), component, limits)
+                    shard.apply(plan, limits)
                 await self._reserve(entry, _estimate(plan, dtype))
                 weights = await load_weights(
                     model,
@@ -510,6 +528,7 @@ class WeightCache:
                     verify=verify,
                     on_progress=entry.publish,
                     limits=limits,
+                    shard=shard,
                 )
         except AsyncWeightsError as exc:
             entry.error = exc
@@ -706,7 +725,7 @@ def _estimate(plan: Plan, dtype: mx.Dtype | None) -> int:
         for t in blob.tensors:
             convert = not t.companion and t.quantization is None and t.entry.dtype in FLOAT_DTYPES
             count = 1
-            for dim in t.entry.shape:
+            for dim in t.entry.shape if t.slice is None else t.slice.shape:
                 count *= dim
             sizes[t.key] = count * dtype.size if convert else t.entry.nbytes
         total += sum(sizes.values())

@@ -21,6 +21,7 @@ Every error the library raises on purpose derives from `AsyncWeightsError`:
     ├── DuplicateTensorError        two blobs define the same tensor name
     ├── QuantizationError           a quantized weight whose facts do not add up
     ├── BudgetError                 a load larger than the configured memory budget
+    ├── ShardError                  a tensor a `Shard` cannot split as asked; ranks that disagree
     ├── SourceError                 an import's source is missing, unreadable or refused
     ├── StoreWriteError             writing the store failed (ENOSPC, EIO, EACCES …)
     ├── RegistryError               a registry request failed (network, protocol, HTTP)
@@ -63,6 +64,7 @@ __all__ = [
     "RegistryError",
     "RegistryNotFoundError",
     "RegistryServerError",
+    "ShardError",
     "SizeMismatchError",
     "SourceError",
     "StoreWriteError",
@@ -247,6 +249,12 @@ class QuantizationError(AsyncWeightsError):
 
 class BudgetError(AsyncWeightsError, MemoryError):
     """A load needs more memory than the configured budget allows."""
+
+
+class ShardError(AsyncWeightsError):
+    """A tensor a `Shard` cannot split as asked (an axis the world size does not divide, a
+    column split that cuts a quantization group), or ranks whose loads disagree
+    (`check_shards`). Raised before any tensor data is read when planning finds it."""
 
 
 class SourceError(AsyncWeightsError):

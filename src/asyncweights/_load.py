@@ -19,7 +19,7 @@ import traceback
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 import anyio.to_thread
@@ -32,6 +32,7 @@ from ._errors import (
     BudgetError,
     DuplicateTensorError,
     LoadError,
+    ShardError,
     as_typed,
     typed_error,
 )
@@ -41,7 +42,8 @@ from ._names import ModelName
 from ._plan import BlobPlan, Plan, PlannedTensor, make_plan
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
 from ._pull import PullSession, component_layers, open_session, run_pull, segment_ends
-from ._read import read_direct, read_gguf, read_lazy, verify_file
+from ._read import read_direct, read_gguf, read_lazy, read_shard, verify_file
+from ._shard import Shard
 from ._store import Model, ModelStore
 from ._weights import Tensor, TensorInfo, Weights
 
@@ -71,6 +73,7 @@ async def load_weights(
     limits: Limits | None = None,
     pull: bool = False,
     registry: str | None = None,
+    shard: Shard | None = None,
 ) -> Weights:
     """Load the tensors of one component of a model into evaluated MLX arrays.
 
@@ -92,6 +95,10 @@ async def load_weights(
             returns once the whole model is in the store. `model` must be a name.
         registry: with `pull`, the base URL to fetch from instead of the name's host
             (``http://`` only when spelled so).
+        shard: load only this rank's part (`Shard`): each split tensor's slice is read by
+            byte ranges straight into its array (about ``1/world`` of its bytes), and
+            ``weights.info[name].shard`` says which part; a pipeline `Shard` loads only its
+            layers. Not with `pull`. GGUF models cannot be sharded (`ShardError`).
 
     Returns:
         The tensors, with per-tensor facts in ``weights.info``.
@@ -104,7 +111,7 @@ async def load_weights(
     info: dict[str, TensorInfo] = {}
     try:
         async with _pipeline(
-            model, component, store, dtype, verify, on_progress, limits, pull, registry
+            model, component, store, dtype, verify, on_progress, limits, pull, registry, shard
         ) as (plan, groups):
             await _collect(groups, arrays, info)
     except BaseException as exc:
@@ -145,6 +152,7 @@ async def stream_weights(
     limits: Limits | None = None,
     pull: bool = False,
     registry: str | None = None,
+    shard: Shard | None = None,
 ) -> AsyncIterator[AsyncIterator[Tensor]]:
     """Stream a model's tensors, already evaluated, as their groups finish.
 
@@ -155,7 +163,7 @@ async def stream_weights(
     `load_weights`; with `pull` the first tensors arrive while the download goes on.
     """
     async with _pipeline(
-        model, component, store, dtype, verify, on_progress, limits, pull, registry
+        model, component, store, dtype, verify, on_progress, limits, pull, registry, shard
     ) as (_, groups):
         tensors = _Tensors(groups)
         try:
@@ -203,6 +211,7 @@ def _info(tensor: PlannedTensor, array: mx.array) -> TensorInfo:
         source_dtype=tensor.entry.dtype if tensor.source is None else tensor.source.ggml_type,
         quantization=tensor.quantization,
         companions=tensor.companions or {},
+        shard=tensor.slice,
     )
 
 
@@ -226,10 +235,13 @@ async def _pipeline(
     limits: Limits | None,
     pull: bool = False,
     registry: str | None = None,
+    shard: Shard | None = None,
 ) -> AsyncIterator[tuple[Plan, _Groups]]:
     limits = limits or Limits()
     started = time.monotonic()
     session: PullSession | None = None
+    if shard is not None and pull:
+        raise ShardError("a sharded load cannot pull: pull the model first, then load")
     if pull:
         session = open_session(model_ref, store, registry, limits, verify)
         label = session.label
@@ -243,6 +255,8 @@ async def _pipeline(
             assert error is not None
             raise error from exc
         label = model.label
+        if shard is not None:
+            model = shard.select_layers(model)
     reporter = ProgressReporter(on_progress, limits.progress_interval, label)
     send, receive = anyio.create_memory_object_stream[_Loaded](limits.buffered_groups)
     consumer_error: Exception | None = None
@@ -250,7 +264,11 @@ async def _pipeline(
         async with anyio.create_task_group() as tg:
             tg.start_soon(reporter.run)
             try:
-                if session is None:
+                if session is None and shard is not None:
+                    # Headers only: no small blob read whole while planning.
+                    plan = await make_plan(model, component, replace(limits, prefetch_bytes=0))
+                    await anyio.to_thread.run_sync(shard.apply, plan, limits)
+                elif session is None:
                     plan = await make_plan(model, component, limits)
                 else:
                     session.reporter = reporter
@@ -552,7 +570,11 @@ def _load_group_into(
     parts = [blob for blob in group if blob.gguf is not None]
     converted = iter(read_gguf(parts, model)) if parts else None
     for blob in group:
-        if blob.gguf is not None:
+        if blob.sharded:
+            arrays = read_shard(blob, model)
+            if verify:
+                lazy.append(blob)  # hashed whole (every byte of the blob), beside the reads
+        elif blob.gguf is not None:
             assert converted is not None
             arrays = next(converted)
             if verify and blob.hash_whole:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import resource
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -37,6 +37,9 @@ from ._names import blob_file_name
 from ._quant import Packed, Quantization, canonical_type, label_bits, resolve
 from ._store import Model
 
+if TYPE_CHECKING:
+    from ._shard import ShardSlice
+
 __all__ = ["BlobPlan", "Plan", "PlannedTensor", "make_plan"]
 
 _COMPANIONS = ("_scale", "_qbias")
@@ -57,6 +60,8 @@ class PlannedTensor:
     #: the GGUF tensor the array is converted from (GGUF blobs only); `entry` then describes
     #: the converted array (dtype, shape, and ``end`` = its bytes)
     source: GGUFTensorInfo | None = None
+    #: the part this rank reads (a sharded load); None for the whole tensor
+    slice: ShardSlice | None = None
 
 
 @dataclass(slots=True)
@@ -75,6 +80,8 @@ class BlobPlan:
     gguf: GGUFFile | None = None
     #: whether verifying hashes the whole file with this part (the first part of a blob)
     hash_whole: bool = True
+    #: read by byte ranges for a `Shard` (each tensor whole or its `PlannedTensor.slice`)
+    sharded: bool = False
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     import mlx.core as mx
 
     from ._quant import Quantization
+    from ._shard import ShardSlice
 
 __all__ = ["Tensor", "TensorInfo", "Weights"]
 
@@ -35,6 +36,8 @@ class TensorInfo:
             ``"scales"``, ``"biases"`` (affine modes only) and ``"global_scale"`` (NVFP4's
             second-level float32 scale, ``X.global_scale`` as Ollama stores it). Companions
             keep their stored dtype whatever ``dtype=`` asks. Empty otherwise.
+        shard: in a sharded load (``shard=``), the part of the tensor this rank holds: its
+            full shape, the axis and the index ranges along it; None when held whole.
     """
 
     name: str
@@ -46,6 +49,12 @@ class TensorInfo:
     source_dtype: str
     quantization: Quantization | None = None
     companions: Mapping[str, str] = field(default_factory=dict)
+    shard: ShardSlice | None = None
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        """The tensor's shape in the model (`shape` unless this rank holds a slice)."""
+        return self.shape if self.shard is None else self.shard.full_shape
 
 
 @dataclass(frozen=True, slots=True)
