@@ -292,7 +292,7 @@ def read_raw(info: GGUFTensorInfo, read: Callable[[NDArray, int], None]) -> mx.a
     dtype = mx.uint16 if target.dtype == "BF16" else _MX[target.dtype]
     array = mx.zeros(info.shape, dtype=dtype)
     mx.eval(array)
-    mem = np.frombuffer(memoryview(array), dtype=U8)  # type: ignore[arg-type]
+    mem = np.frombuffer(memoryview(array), dtype=U8)  # type: ignore[arg-type, unused-ignore]
     for at in range(0, len(mem), _RAW_CHUNK):
         read(mem[at : at + _RAW_CHUNK], at)
     return array.view(mx.bfloat16) if target.dtype == "BF16" else array
@@ -307,7 +307,9 @@ def _output(
     """A fresh, evaluated MLX array and a writable numpy view of its memory as `rows`."""
     array = mx.zeros(shape, dtype=dtype)
     mx.eval(array)
-    mem = np.frombuffer(memoryview(array), dtype=view or _NUMPY_OF[dtype])  # type: ignore[arg-type]
+    # The stubs of MLX's 3.11 wheels lack __buffer__ (3.12+ have it): the ignore may be unused.
+    buffer = memoryview(array)  # type: ignore[arg-type, unused-ignore]
+    mem = np.frombuffer(buffer, dtype=view or _NUMPY_OF[dtype])
     return array, mem.reshape(rows)
 
 

@@ -353,7 +353,8 @@ class _Cursor:
             if item_type == 7:
                 bad = np.frombuffer(self.buf, np.uint8, count, start) > 1
                 if bad.any():
-                    raise HeaderError(f"{what}: BOOL item {int(bad.argmax())} is neither 0 nor 1")
+                    first = int(np.flatnonzero(bad)[0])
+                    raise HeaderError(f"{what}: BOOL item {first} is neither 0 nor 1")
         elif item_type == _STRING:
             self._skip_strings(count, what)
         else:

@@ -430,7 +430,7 @@ def _finish_digests(
             digest = span.digest
             if digest is not None and not digest.complete:
                 views = late.setdefault(id(digest), (digest, []))[1]
-                mem = memoryview(buffers[index]).cast("B")  # type: ignore[arg-type]
+                mem = memoryview(buffers[index]).cast("B")  # type: ignore[arg-type, unused-ignore]
                 views.append((span.offset, mem[offset : offset + span.length]))
             offset += span.length
     for digest, views in late.values():
@@ -485,7 +485,9 @@ def _probe() -> bool:
         arrays = fill_arrays(requests, pack_upto=16)
     except (RuntimeError, ValueError, TypeError, FillError):
         return False
-    got = [bytes(memoryview(arrays[k])) for k in ("a", "b")]  # type: ignore[arg-type]
+    # The stubs of MLX's 3.11 wheels lack __buffer__ (3.12+ have it): the ignore may be unused.
+    views = [memoryview(arrays[k]) for k in ("a", "b")]  # type: ignore[arg-type, unused-ignore]
+    got = [bytes(v) for v in views]
     return got == [data[:12], data[100:200]]
 
 
