@@ -12,7 +12,8 @@ groups with one scale and one bias each, and ``scale * q`` is exact in float32 f
 ``q`` (so ``scale * q + bias`` rounds once, fused or not, exactly as the reference's
 ``d * x - m`` does): see `TARGETS` for the reason per type. Types with 16-element sub-blocks
 (Q2_K, Q3_K, Q6_K) or a float32 block scale (Q8_K) are dequantized to float32, exactly as
-llama.cpp computes them. Everything here is numpy on whole tensors, run in worker threads.
+llama.cpp computes them. Everything here is vectorized numpy over cache-sized chunks of
+blocks, run in the loader's worker threads, writing into fresh MLX arrays.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ __all__ = [
     "companion_names",
     "convert",
     "convert_blocks",
-    "mlx_dtype",
-    "output_nbytes",
     "outputs",
     "read_raw",
 ]
@@ -161,11 +160,6 @@ DTYPE_BYTES = {
 }
 
 
-def mlx_dtype(dtype: str) -> mx.Dtype:
-    """The MLX dtype of a `Target.dtype` string."""
-    return _MX[dtype]
-
-
 def companion_names(name: str) -> tuple[str, str]:
     """The ``scales`` and ``biases`` names of a packed weight, as ``mx.load`` names them.
 
@@ -193,17 +187,6 @@ def outputs(info: GGUFTensorInfo) -> list[tuple[str, str, tuple[int, ...]]]:
         (scales, target.scale_dtype, groups),
         (biases, target.scale_dtype, groups),
     ]
-
-
-def output_nbytes(info: GGUFTensorInfo) -> int:
-    """Bytes of the arrays `info` loads as."""
-    total = 0
-    for _, dtype, shape in outputs(info):
-        n = DTYPE_BYTES[dtype]
-        for d in shape:
-            n *= d
-        total += n
-    return total
 
 
 def convert(info: GGUFTensorInfo, data: NDArray) -> list[mx.array]:
