@@ -44,6 +44,7 @@ from ._limits import Limits
 from ._load import load_weights
 from ._plan import Plan, make_plan
 from ._progress import Progress
+from ._shard import Shard, check_shards
 from ._store import Model, ModelStore, child_runner_of
 
 __all__ = ["main", "run"]
@@ -578,18 +579,45 @@ async def load_summary(
     description: str = "loading",
     pull: bool = False,
     registry: str | None = None,
+    shard: Shard | None = None,
+    check: Any = None,
 ) -> dict[str, Any]:
     """Load with a progress bar and summarize: tensors, bytes, seconds, GB/s, quantization.
 
-    With `pull` the bar follows the download while blobs arrive, then the load.
+    With `pull` the bar follows the download while blobs arrive, then the load. With
+    `shard`, also what this rank holds and read (``/proc/self/io`` ``rchar`` where the OS
+    has it); with `check` (an ``mx.distributed`` group) the ranks run `check_shards`.
     """
     out.start(description, 0)
     started = time.perf_counter()
+    read_before = _rchar()
     weights = await load_weights(
         model, component, store=store, dtype=dtype, verify=verify,
-        on_progress=out.on_progress, pull=pull, registry=registry,
+        on_progress=out.on_progress, pull=pull, registry=registry, shard=shard,
     )  # fmt: skip
     seconds = time.perf_counter() - started
+    read_after = _rchar()
+    shard_facts: dict[str, Any] | None = None
+    if shard is not None:
+        split = [i for i in weights.info.values() if i.shard is not None]
+        shard_facts = {
+            "rank": shard.rank,
+            "world": shard.world,
+            "layers": None if shard.layers is None else [shard.layers.start, shard.layers.stop],
+            "split_tensors": len(split),
+            "whole_tensors": len(weights.info) - len(split),
+            "split_bytes_held": sum(i.nbytes for i in split),
+            "split_bytes_full": sum(
+                i.nbytes * math.prod(i.full_shape) // max(1, math.prod(i.shape)) for i in split
+            ),
+            "bytes_read": None
+            if read_before is None or read_after is None
+            else read_after - read_before,
+            "checked": False,
+        }
+        if check is not None:
+            check_shards(check, weights)
+            shard_facts["checked"] = True
     out.clear()
     per_comp: dict[str, dict[str, Any]] = {}
     for name, info in weights.info.items():
@@ -615,8 +643,22 @@ async def load_summary(
         "per_component": per_comp,
         "verified": verify,
     }
+    if shard_facts is not None:
+        summary["shard"] = shard_facts
     weights.release()
     return summary
+
+
+def _rchar() -> int | None:
+    """Bytes this process has read (``/proc/self/io`` ``rchar``), None where unknown."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def summary_lines(s: dict[str, Any]) -> list[str]:
@@ -632,6 +674,20 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         lines.append(
             f"  {comp or 'model':<13} {c['tensors']:>5} tensors {format_bytes(c['bytes']):>10}"
             f"  {dtypes}; quantization: {quant}"
+        )
+    shard = s.get("shard")
+    if shard is not None:
+        where = (
+            ""
+            if shard["layers"] is None
+            else f", layers {shard['layers'][0]}..{shard['layers'][1] - 1}"
+        )
+        read = "-" if shard["bytes_read"] is None else format_bytes(shard["bytes_read"])
+        lines.append(
+            f"  rank {shard['rank']}/{shard['world']}{where}: {shard['split_tensors']} split "
+            f"tensors ({format_bytes(shard['split_bytes_held'])} of "
+            f"{format_bytes(shard['split_bytes_full'])}), {shard['whole_tensors']} whole; "
+            f"read {read}" + (", shards checked across ranks" if shard["checked"] else "")
         )
     return lines
 
@@ -651,12 +707,35 @@ async def cmd_load(args: argparse.Namespace, out: Output) -> Result:
     if args.pull and not isinstance(ref, str):
         raise InvalidNameError("--pull needs a model name, not a manifest path", model=args.model)
     store = ModelStore(args.store, runner=args.runner)
+    shard, group = _shard_of(args)
     summary = await load_summary(
         out, ref, args.component, store=store, dtype=dtype, verify=args.verify,
-        pull=args.pull, registry=_registry(args),
+        pull=args.pull, registry=_registry(args), shard=shard, check=group,
     )  # fmt: skip
     summary.update(peak_memory())
     return Result(summary, [*summary_lines(summary), memory_line(summary)])
+
+
+def _shard_of(args: argparse.Namespace) -> tuple[Shard | None, Any]:
+    """The `Shard` of ``--rank/--world/--pipeline``, and the group for ``--check``.
+
+    Under ``mlx.launch`` the rank defaults to ``$MLX_RANK`` and the world to the group's size.
+    """
+    if args.world is None and args.rank is None and not args.check:
+        return None, None
+    group = None
+    world, rank = args.world, args.rank
+    if args.check or world is None or (rank is None and "MLX_RANK" not in os.environ):
+        import mlx.core as mx
+
+        group = mx.distributed.init()
+        world = group.size() if world is None else world
+        rank = group.rank() if rank is None else rank
+    if rank is None:
+        rank = int(os.environ["MLX_RANK"])
+    if args.pipeline is not None:
+        return Shard.pipeline(rank, world, args.pipeline), group if args.check else None
+    return Shard(rank, world), group if args.check else None
 
 
 async def cmd_verify(args: argparse.Namespace, out: Output) -> Result:
@@ -936,6 +1015,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="pull the model from its registry while loading (only missing blobs)",
     )
     _registry_arguments(p)
+    p.add_argument(
+        "--rank", type=int, help="load only this rank's shard (default: $MLX_RANK, mlx.launch's)"
+    )
+    p.add_argument(
+        "--world", type=int, help="ranks the model is split across (default: the group's size)"
+    )
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        metavar="LAYERS",
+        help="pipeline stages instead of tensor parallel: this rank's run of LAYERS layers",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare shards across the mx.distributed group (every rank must run it)",
+    )
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("pull", parents=[common], help="pull a model from a registry")

@@ -464,7 +464,7 @@ def _compare(mine: list[int], theirs: list[int], rank: int, other: int, size: in
             f"full shape differs: rank {rank} {_dims(mine[full])}, "
             f"rank {other} {_dims(theirs[full])}"
         )
-    axis, start, width = mine[-3:]
+    axis, width = mine[-3], mine[-1]
     if axis != theirs[-3]:
         return f"rank {rank} splits it on axis {axis}, rank {other} on axis {theirs[-3]}"
     if axis < 0:
@@ -474,10 +474,11 @@ def _compare(mine: list[int], theirs: list[int], rank: int, other: int, size: in
     held = slice(7, 7 + _WIDTH)
     if mine[held] != theirs[held]:
         return f"rank {rank} holds shape {_dims(mine[held])}, rank {other} {_dims(theirs[held])}"
-    if theirs[-1] != width or theirs[-2] != start + (other - rank) * width:
+    # The first segment starts at 0, so rank k's part starts at k times its width.
+    if theirs[-1] != width or theirs[-2] != other * width:
         return (
-            f"rank {other} holds the wrong part: starts at {theirs[-2]} on axis {axis}, "
-            f"expected {start + (other - rank) * width}"
+            f"rank {other} holds the wrong part: it starts at {theirs[-2]} on axis {axis}, "
+            f"rank {other}'s part starts at {other * width}"
         )
     return ""
 
