@@ -138,7 +138,7 @@ def read_shard(blob: BlobPlan, model: str) -> dict[str, mx.array]:
                 flat = mx.zeros((nbytes,), dtype=mx.uint8)
                 mx.eval(flat)
                 if nbytes:
-                    view = memoryview(flat).cast("B")  # type: ignore[arg-type]
+                    view = memoryview(flat).cast("B")  # type: ignore[arg-type, unused-ignore]
                     at = 0
                     base = header.data_start + entry.begin
                     for offset, length in spans:

@@ -422,7 +422,7 @@ def _record(name: str, weights: Weights) -> list[int]:
     array = weights[name]
     raw = mx.contiguous(array.reshape(-1)).view(mx.uint8)
     mx.eval(raw)
-    data = bytes(memoryview(raw))  # type: ignore[arg-type]
+    data = bytes(memoryview(raw))  # type: ignore[arg-type, unused-ignore]
     piece = info.shard
     full = info.full_shape
     held = info.shape
