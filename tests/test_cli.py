@@ -404,3 +404,60 @@ def test_import_command_variant_and_refused_formats(tmp_path: Path) -> None:
         "error: pre-quantized FP8 (block-scaled, weight_scale_inv) checkpoint (config.json "
         "quantization_config) is not imported"
     )
+
+
+HOSTILE_COMPONENT = "\x1b]0;owned\x07\x1b[2J\u202edcba\u009b31m"
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The CLI in this process (fast; the subprocess tests above cover the entry point)."""
+    from asyncweights._cli import run
+
+    status = run(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_names_with_terminal_escapes_are_printed_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hostile layer (component) name cannot drive the terminal: every non-printable
+    character is printed escaped, in text and in JSON, and JSON still decodes to the name."""
+    root = str(tmp_path / "store")
+    StoreBuilder(root).add_model("evil", random_weights({f"{HOSTILE_COMPONENT}/w": (4, 4)}))
+    escaped = "\\x1b]0;owned\\x07\\x1b[2J\\u202edcba\\x9b31m"
+    outputs = []
+    for args in (("show", "evil"), ("load", "evil"), ("show", "evil", "--json")):
+        status, out, err = run_cli(capsys, *args, "--store", root)
+        assert status == 0, err
+        outputs.append(out)
+        assert all(c.isprintable() or c == "\n" for c in out), repr(out)
+    assert escaped in outputs[0]
+    assert escaped in outputs[1]
+    assert HOSTILE_COMPONENT in json.loads(outputs[2])["components"]
+    status, out, err = run_cli(capsys, "load", "evil\x1b[2J", "--store", root)
+    assert status == 1
+    assert err.startswith("error: invalid model name")
+    assert "\x1b" not in err
+    assert "\\x1b" in err
+
+
+def test_a_model_argument_is_a_path_only_when_it_looks_like_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "store"
+    built = StoreBuilder(root).add_model("toy", random_weights({"w": (2,)}))
+    status, out, err = run_cli(capsys, "load", str(built.path), "--store", str(root), "--json")
+    assert status == 0, err
+    assert json.loads(out)["tensors"] == 1
+    monkeypatch.chdir(root)
+    relative = "./" + str(built.path.relative_to(root))
+    status, out, err = run_cli(capsys, "load", relative, "--store", str(root), "--json")
+    assert status == 0, err
+    # Without ./ a relative path is a name, and no model has it.
+    status, out, err = run_cli(capsys, "load", relative.removeprefix("./"), "--store", str(root))
+    assert status == 1
+    assert err.startswith("error: invalid model name") or "model not found" in err, err
+    status, out, err = run_cli(capsys, "load", "/dev/zero", "--store", str(root))
+    assert status == 1
+    assert "manifest is not a regular file (a character device)" in err
