@@ -8,10 +8,12 @@ overlapping offsets, trailing bytes, negative or float dimensions and wraps dime
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,7 +22,7 @@ import msgspec
 
 from ._errors import HeaderError, UnsupportedDTypeError
 from ._files import open_file
-from ._json import FAST_BYTES, JSONError, decode_text, loads_stepwise
+from ._json import FAST_BYTES, JSONError, decode_text, gc_paused, loads_stepwise, release
 from ._limits import Limits
 
 __all__ = [
@@ -132,7 +134,7 @@ class BlobHeader:
     entries: dict[str, TensorEntry]
     metadata: dict[str, str] = field(default_factory=dict)
     #: the validated prefix and header bytes, so a later read can prove it sees the same file
-    raw: bytes = b""
+    raw: bytes | bytearray = b""
 
 
 class _Invalid(Exception):
@@ -206,10 +208,34 @@ def _header_length(prefix: bytes | bytearray, file_size: int, limits: Limits) ->
 
 def _parse(raw: bytes | bytearray, file_size: int, limits: Limits) -> BlobHeader:
     n = _header_length(raw, file_size, limits)
-    text = bytes(raw[8 : 8 + n])
-    if len(text) != n:
-        raise _Invalid(f"header cut short: {len(text)} of {n} bytes")
-    doc = _decode_json(text)
+    if len(raw) < 8 + n:
+        raise _Invalid(f"header cut short: {max(0, len(raw) - 8)} of {n} bytes")
+    data_len = file_size - 8 - n
+    if n <= FAST_BYTES:
+        metadata, entries = _entries(_decode_json(bytes(raw[8 : 8 + n])))
+        _check_tiling(sorted(entries.values(), key=lambda e: (e.begin, e.end)), data_len)
+    else:
+        # Far above a real blob's header: every step bounded, so the event loop stays free
+        # (see _json): decoded in steps, the tree freed piecewise, offsets ordered by a heap
+        # filled and drained in a Python loop rather than by one sort.
+        with gc_paused():
+            doc = _decode_big(memoryview(raw)[8 : 8 + n])
+            try:
+                metadata, entries = _entries(doc)
+            finally:
+                release(doc)
+            _check_tiling(_in_offset_order(entries), data_len)
+    return BlobHeader(
+        file_size=file_size,
+        data_start=8 + n,
+        entries=entries,
+        metadata=metadata,
+        # Exactly the prefix and header: kept as read (no copy) when that is all `raw` is.
+        raw=raw if len(raw) == 8 + n else bytes(raw[: 8 + n]),
+    )
+
+
+def _entries(doc: Any) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     if not isinstance(doc, dict):
         raise _Invalid(f"header is a JSON {type(doc).__name__}, not an object")
     meta_raw = doc.pop("__metadata__", None)
@@ -221,9 +247,23 @@ def _parse(raw: bytes | bytearray, file_size: int, limits: Limits) -> BlobHeader
     entries: dict[str, TensorEntry] = {}
     for key, value in doc.items():
         entries[key] = _entry(key, value)
-    data_len = file_size - 8 - n
+    return metadata, entries
+
+
+def _in_offset_order(entries: dict[str, TensorEntry]) -> Iterator[TensorEntry]:
+    """The entries by (begin, end), as ``sorted`` gives them, one bounded step at a time."""
+    heap: list[tuple[int, int, int, TensorEntry]] = []
+    for i, entry in enumerate(entries.values()):
+        heapq.heappush(heap, (entry.begin, entry.end, i, entry))
+    while heap:
+        yield heapq.heappop(heap)[3]
+
+
+def _check_tiling(ordered: Iterable[TensorEntry], data_len: int) -> None:
+    """The offsets, in (begin, end) order, tile the data section exactly (no gap, overlap
+    or trailing byte)."""
     covered = 0
-    for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+    for entry in ordered:
         if entry.begin != covered:
             what = "overlaps another tensor" if entry.begin < covered else "leaves a gap before it"
             raise _Invalid(f"data_offsets [{entry.begin}, {entry.end}] {what}", entry.key)
@@ -232,22 +272,17 @@ def _parse(raw: bytes | bytearray, file_size: int, limits: Limits) -> BlobHeader
         if covered > data_len:
             raise _Invalid(f"data_offsets end at {covered}, past the {data_len}-byte data section")
         raise _Invalid(f"{data_len - covered} trailing bytes after the last tensor")
-    return BlobHeader(
-        file_size=file_size,
-        data_start=8 + n,
-        entries=entries,
-        metadata=metadata,
-        raw=bytes(raw[: 8 + n]),
-    )
+
+
+def _decode_big(text: memoryview) -> Any:
+    """A header over `FAST_BYTES`, decoded in bounded steps, duplicate keys checked as read."""
+    try:
+        return loads_stepwise(decode_text(text), unique_keys=True)
+    except JSONError as exc:
+        raise _Invalid(_header_reason(exc.reason), exc.key) from None
 
 
 def _decode_json(text: bytes) -> Any:
-    if len(text) > FAST_BYTES:
-        # Far above a real blob's header: decoded in bounded steps, keys checked as they come.
-        try:
-            return loads_stepwise(decode_text(text), unique_keys=True)
-        except JSONError as exc:
-            raise _Invalid(_header_reason(exc.reason), exc.key) from None
     # UTF-8 is checked here, before the JSON parser: the safetensors format requires it, and
     # the error must not depend on how a given msgspec release words its own message.
     try:
@@ -390,13 +425,15 @@ def read_blob_head(
         elif cached is not None:
             header = cached
         else:
-            raw = f.read(_FIRST_READ, 0)
+            raw: bytes | bytearray = f.read(_FIRST_READ, 0)
             if len(raw) >= 8:
                 n = int.from_bytes(raw[:8], "little")
                 # Only a length within the caps is read: the cap is checked before the bytes.
                 fits = 0 < n < MAX_HEADER and n <= limits.max_header_bytes
                 if 8 + n > len(raw) and fits and 8 + n <= f.size:
-                    raw += f.read(8 + n - len(raw), len(raw))
+                    whole = bytearray(8 + n)  # read in place: no copy of a big header
+                    got = f.read_into(whole, 0)
+                    raw = whole if got == len(whole) else whole[:got]
             header = parse_header(raw, f.size, limits)
             _CACHE.put(key, signature, header)
     if header is cached and cached is not None:

@@ -7,6 +7,7 @@ docs/format.md describes the format; the media types and the list document follo
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 import msgspec
 
 from ._errors import InvalidDigestError, ManifestError
-from ._json import FAST_BYTES, JSONError, decode_text, loads_stepwise
+from ._json import FAST_BYTES, JSONError, decode_text, gc_paused, loads_stepwise, release
 from ._names import DIGEST_PATTERN
 
 __all__ = [
@@ -272,8 +273,11 @@ def decode_manifest(
             path, e.g. ``$.layers[3].digest``), an unknown schema version or media type.
     """
     try:
-        document = data if isinstance(data, _Document) else _Document(data)
-        manifest = document.decode(_MANIFEST_DECODER)
+        if isinstance(data, _Document):
+            manifest = data.decode(_MANIFEST_DECODER)
+        else:
+            with _Document(data) as document:
+                manifest = document.decode(_MANIFEST_DECODER)
     except (*_DECODE_ERRORS, JSONError) as exc:
         raise ManifestError(f"invalid manifest: {_describe(exc)}", model=model, path=path) from exc
     if manifest.schema_version != 2:
@@ -297,19 +301,21 @@ def decode_document(
     Raises:
         ManifestError: as `decode_manifest`; a list nested in a list.
     """
-    try:
-        document = _Document(data)
-        kind = document.decode(_KIND_DECODER)
-    except (*_DECODE_ERRORS, JSONError) as exc:
-        raise ManifestError(f"invalid manifest: {_describe(exc)}", model=model, path=path) from exc
-    if kind.media_type != MANIFEST_LIST_MEDIA_TYPE:
-        return decode_manifest(document, model=model, path=path)
-    try:
-        listed = document.decode(_LIST_DECODER)
-    except _DECODE_ERRORS as exc:
-        raise ManifestError(
-            f"invalid manifest list: {_describe(exc)}", model=model, path=path
-        ) from exc
+    with _Document(data) as document:
+        try:
+            kind = document.parse().decode(_KIND_DECODER)
+        except (*_DECODE_ERRORS, JSONError) as exc:
+            raise ManifestError(
+                f"invalid manifest: {_describe(exc)}", model=model, path=path
+            ) from exc
+        if kind.media_type != MANIFEST_LIST_MEDIA_TYPE:
+            return decode_manifest(document, model=model, path=path)
+        try:
+            listed = document.decode(_LIST_DECODER)
+        except _DECODE_ERRORS as exc:
+            raise ManifestError(
+                f"invalid manifest list: {_describe(exc)}", model=model, path=path
+            ) from exc
     for child in listed.manifests:
         if child.media_type == MANIFEST_LIST_MEDIA_TYPE:
             raise ManifestError("nested manifest lists are not supported", model=model, path=path)
@@ -331,7 +337,8 @@ def decode_config(
         ManifestError: the blob is not a JSON object of the expected field types.
     """
     try:
-        return _Document(data).decode(_CONFIG_DECODER)
+        with _Document(data) as document:
+            return document.decode(_CONFIG_DECODER)
     except (*_DECODE_ERRORS, JSONError) as exc:
         raise ManifestError(
             f"invalid model config blob: {_describe(exc)}", model=model, digest=digest
@@ -347,6 +354,10 @@ class _Document:
     ``msgspec.convert``, which runs ``Layer.__post_init__`` (Python) per layer: the GIL changes
     hands between layers there too.
 
+    Use as ``with _Document(data) as document: document.decode(...)``: a big one keeps the
+    garbage collector paused while its tree lives and frees the tree piecewise on exit
+    (`_json.gc_paused`, `_json.release`).
+
     Raises:
         JSONError: not UTF-8 (checked here for both sizes: msgspec does not look inside
             skipped fields, and its wording changes between releases), not JSON.
@@ -354,19 +365,36 @@ class _Document:
 
     def __init__(self, data: bytes | bytearray) -> None:
         self.data = data
-        self.tree: Any = _SMALL
-        if len(data) <= FAST_BYTES:
-            decode_text(data)
-        else:
-            self.tree = loads_stepwise(decode_text(data))
+        self.tree: Any = None
+        self.parsed = False
+        self._paused = contextlib.ExitStack()
+
+    def __enter__(self) -> _Document:
+        if len(self.data) > FAST_BYTES:
+            self._paused.enter_context(gc_paused())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            release(self.tree)
+            self.tree = None
+        finally:
+            self._paused.close()
+
+    def parse(self) -> _Document:
+        if not self.parsed:
+            if len(self.data) <= FAST_BYTES:
+                decode_text(self.data)
+            else:
+                self.tree = loads_stepwise(decode_text(self.data))
+            self.parsed = True
+        return self
 
     def decode(self, decoder: msgspec.json.Decoder[_T]) -> _T:
-        if self.tree is _SMALL:
+        self.parse()
+        if len(self.data) <= FAST_BYTES:
             return decoder.decode(self.data)
         return cast("_T", msgspec.convert(self.tree, decoder.type))
-
-
-_SMALL = object()
 
 
 def _describe(exc: Exception) -> str:
