@@ -6,10 +6,10 @@ layers, 64 MiB configs, 64 MiB headers with 262,144 tensors), so a server stays 
 while a hostile or huge file is decoded and refused. Each case runs on asyncio and trio:
 
     manifest-layers   a manifest of max_layers layers (~45 MiB), decoded and accepted
-    manifest-strings  a 64 MiB manifest whose unknown field holds 1 MiB strings
+    manifest-strings  a 64 MiB manifest whose unknown field holds 256 KiB strings
     header-tensors    a header of max_tensors entries (~30 MiB), refused after decoding
                       (one trailing byte), so only the decode and validation are timed
-    header-metadata   a 60 MiB header whose __metadata__ is 1 MiB strings
+    header-metadata   a 60 MiB header whose __metadata__ is 256 KiB strings
     config-vocab      a 60 MiB tokenizer-like JSON config read with Model.read_config
     before            the same cases decoded by one msgspec call each, as before (the
                       decode alone, in a worker thread): what the steps avoid
@@ -37,7 +37,7 @@ import mlx.core as mx
 import msgspec
 
 import asyncweights as aw
-from asyncweights._json import release
+from asyncweights._json import MAX_TOKEN, release
 from asyncweights.testing import StoreBuilder
 
 MiB = 1 << 20
@@ -92,7 +92,7 @@ def build(scratch: Path) -> dict[str, Any]:
             "config": config.to_dict()}  # fmt: skip
     layers = [_layer(i) for i in range(LIMITS.max_layers - 1)]
     write_manifest(root, "many-layers", json.dumps({**base, "layers": layers}).encode())
-    strings = ["x" * (MiB - 16)] * (LIMITS.max_manifest_bytes // MiB - 1)
+    strings = ["x" * (MAX_TOKEN - 16)] * (LIMITS.max_manifest_bytes // MAX_TOKEN - 4)
     write_manifest(root, "big-strings", json.dumps({**base, "layers": [], "x": strings}).encode())
 
     def header_blob(name: str, header: dict[str, Any], data: int) -> dict[str, Any]:
@@ -106,7 +106,9 @@ def build(scratch: Path) -> dict[str, Any]:
     entries = {f"model.layers.{i}.w": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]}
                for i in range(n)}  # fmt: skip
     sizes = {"header-tensors": header_blob("header-tensors", entries, n)}
-    meta = {f"k{i}": "v" * (MiB - 16) for i in range(LIMITS.max_header_bytes // MiB - 4)}
+    meta = {
+        f"k{i}": "v" * (MAX_TOKEN - 16) for i in range(LIMITS.max_header_bytes // MAX_TOKEN - 16)
+    }
     sizes["header-metadata"] = header_blob("header-metadata", {"__metadata__": meta}, 0)
     vocab = {f"tok{i}_abcdefgh": i for i in range(2_200_000)}
     vocab_layer = b.add_json("tokenizer.json", {"model": {"vocab": vocab}})

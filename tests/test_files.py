@@ -72,12 +72,18 @@ def test_size_checked_before_any_read(tmp_path: Path, monkeypatch: pytest.Monkey
         f.truncate(1 << 30)  # sparse: 1 GiB that would take seconds to read
     reads: list[int] = []
     real = os.preadv
+    real_pread = os.pread
 
     def counting(fd: int, buffers: list[memoryview], offset: int) -> int:
         reads.append(offset)
         return real(fd, buffers, offset)
 
+    def counting_pread(fd: int, size: int, offset: int) -> bytes:
+        reads.append(offset)
+        return real_pread(fd, size, offset)
+
     monkeypatch.setattr(os, "preadv", counting)
+    monkeypatch.setattr(os, "pread", counting_pread)
     with pytest.raises(aw.SizeMismatchError) as info:
         read_file(path, "blob", expected_size=100)
     assert info.value.reason == f"blob is {1 << 30} bytes but the manifest says 100"
@@ -143,6 +149,7 @@ def test_read_error_keeps_errno(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(os, "preadv", eio)
+    monkeypatch.setattr(os, "pread", eio)
     with pytest.raises(aw.LoadError) as info:
         read_file(path, "blob")
     assert info.value.errno == errno.EIO

@@ -153,3 +153,25 @@ def test_loads_takes_the_fast_path_for_small_documents_and_steps_above(
         loads(b"[1,]")
     with pytest.raises(JSONError, match=r"^not UTF-8 \(byte 3\)"):
         loads(b'["a\xff"]')
+
+
+def test_stepwise_slides_its_window_over_many_pieces() -> None:
+    value = {f"k{i}": ["é€😀" * (i % 7), i, {"x": [1.5, None, True]}] for i in range(30_000)}
+    text = json.dumps(value, ensure_ascii=False)
+    data = text.encode()
+    assert len(data) > 4 * MAX_TOKEN  # many pieces, multi-byte characters across their edges
+    assert loads_stepwise(text) == value
+    assert loads_stepwise(data) == value
+    assert loads_stepwise(memoryview(data)) == value
+    bad = bytearray(data)
+    bad[700_001] = 0xFF
+    try:
+        bytes(bad).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        expected = exc.start
+    with pytest.raises(JSONError) as info:
+        loads_stepwise(bad)
+    assert info.value.reason == f"not UTF-8 (byte {expected})"
+    with pytest.raises(JSONError) as late:
+        loads_stepwise(text[:-1] + ",}")
+    assert late.value.reason == f"not valid JSON: expected a string key at {len(text)}"

@@ -1117,6 +1117,7 @@ async def test_io_error_in_the_middle_of_reading_tensor_data(
     model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3,), "c": (4,)}))
     layer = model.layers[2]
     _eio_on(monkeypatch, "preadv", str(blob_path(store_root, layer.digest)))
+    _eio_on(monkeypatch, "pread", str(blob_path(store_root, layer.digest)), after=1)
     exc = await fails(
         aw.LoadError, store_root, "EIO", *names_blob(store_root, layer), limits=_SMALL
     )

@@ -22,7 +22,7 @@ import msgspec
 
 from ._errors import HeaderError, UnsupportedDTypeError
 from ._files import open_file
-from ._json import FAST_BYTES, JSONError, decode_text, gc_paused, loads_stepwise, release
+from ._json import FAST_BYTES, JSONError, gc_paused, loads_stepwise, release
 from ._limits import Limits
 
 __all__ = [
@@ -220,11 +220,17 @@ def _parse(raw: bytes | bytearray, file_size: int, limits: Limits) -> BlobHeader
         # filled and drained in a Python loop rather than by one sort.
         with gc_paused():
             doc = _decode_big(memoryview(raw)[8 : 8 + n])
+            entries = {}
+            heap: list[tuple[int, int, int, TensorEntry]] = []
             try:
                 metadata, entries = _entries(doc)
-            finally:
                 release(doc)
-            _check_tiling(_in_offset_order(entries), data_len)
+                _check_tiling(_in_offset_order(entries, heap), data_len)
+            except _Invalid:
+                release([doc, entries, heap])  # not in one dealloc when the error unwinds
+                raise
+            finally:
+                release(heap)
     return BlobHeader(
         file_size=file_size,
         data_start=8 + n,
@@ -250,9 +256,11 @@ def _entries(doc: Any) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     return metadata, entries
 
 
-def _in_offset_order(entries: dict[str, TensorEntry]) -> Iterator[TensorEntry]:
-    """The entries by (begin, end), as ``sorted`` gives them, one bounded step at a time."""
-    heap: list[tuple[int, int, int, TensorEntry]] = []
+def _in_offset_order(
+    entries: dict[str, TensorEntry], heap: list[tuple[int, int, int, TensorEntry]]
+) -> Iterator[TensorEntry]:
+    """The entries by (begin, end), as ``sorted`` gives them, one bounded step at a time
+    (`heap` is the caller's, so the caller frees it)."""
     for i, entry in enumerate(entries.values()):
         heapq.heappush(heap, (entry.begin, entry.end, i, entry))
     while heap:
@@ -277,7 +285,7 @@ def _check_tiling(ordered: Iterable[TensorEntry], data_len: int) -> None:
 def _decode_big(text: memoryview) -> Any:
     """A header over `FAST_BYTES`, decoded in bounded steps, duplicate keys checked as read."""
     try:
-        return loads_stepwise(decode_text(text), unique_keys=True)
+        return loads_stepwise(text, unique_keys=True)
     except JSONError as exc:
         raise _Invalid(_header_reason(exc.reason), exc.key) from None
 
@@ -431,9 +439,7 @@ def read_blob_head(
                 # Only a length within the caps is read: the cap is checked before the bytes.
                 fits = 0 < n < MAX_HEADER and n <= limits.max_header_bytes
                 if 8 + n > len(raw) and fits and 8 + n <= f.size:
-                    whole = bytearray(8 + n)  # read in place: no copy of a big header
-                    got = f.read_into(whole, 0)
-                    raw = whole if got == len(whole) else whole[:got]
+                    raw = f.read(8 + n, 0)  # one pread from the start: no copy, no join
             header = parse_header(raw, f.size, limits)
             _CACHE.put(key, signature, header)
     if header is cached and cached is not None:

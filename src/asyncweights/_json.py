@@ -47,10 +47,13 @@ __all__ = [
 #: documents up to this many bytes are decoded in one msgspec call
 FAST_BYTES = 64 * 1024
 #: the longest string or run of whitespace the stepwise parser accepts as one token
-MAX_TOKEN = 1 << 20
+MAX_TOKEN = 256 * 1024
 #: how deeply arrays and objects may nest (real manifests, configs and headers: 3-6)
 MAX_DEPTH = 256
-_STEP = 1 << 20  # UTF-8 is checked in steps of this many bytes
+_STEP = 256 * 1024  # text is decoded and parsed in pieces of this many bytes
+# The parser sees the text through a window that always holds the next token whole: every
+# copy made to slide it (and the only copies of the text there are) stays this small.
+_WINDOW = MAX_TOKEN + 1024
 _NUMBER_CHARS = 400  # a number longer than this is not one a model file needs
 _WS = re.compile(r"[ \t\n\r]*")
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
@@ -88,7 +91,7 @@ def loads(data: bytes | bytearray | memoryview, *, unique_keys: bool = False) ->
             raise JSONError(f"not valid JSON: {exc}") from None
         except RecursionError:
             raise JSONError("JSON nested too deeply") from None
-    return loads_stepwise(decode_text(data), unique_keys=unique_keys)
+    return loads_stepwise(data, unique_keys=unique_keys)
 
 
 def decode_text(data: bytes | bytearray | memoryview) -> str:
@@ -163,54 +166,110 @@ def release(value: Any) -> None:
                     stack.append(child)
 
 
-def loads_stepwise(text: str, *, unique_keys: bool = False) -> Any:
-    """Parse JSON text with a Python loop over bounded C calls (see the module docstring).
+def loads_stepwise(
+    source: str | bytes | bytearray | memoryview, *, unique_keys: bool = False
+) -> Any:
+    """Parse JSON (text, or UTF-8 bytes) in bounded steps (see the module docstring).
 
-    Run it under `gc_paused` and `release` what it returns when done with it; a document
-    that fails is released here.
+    The text is never held whole: it is decoded and parsed in pieces of 256 KiB. Keep the
+    result under `gc_paused` while using it and `release` it when done; a document that fails
+    is released here.
 
     Raises:
-        JSONError: invalid JSON, nesting deeper than `MAX_DEPTH`, a string or run of
-            whitespace longer than `MAX_TOKEN` characters, a number over 400 characters.
+        JSONError: not UTF-8 (with the byte offset), invalid JSON, nesting deeper than
+            `MAX_DEPTH`, a string or run of whitespace longer than `MAX_TOKEN` characters, a
+            number over 400 characters.
     """
     stack: list[list[Any]] = []
     with gc_paused():
         try:
-            return _parse(text, stack, unique_keys)
+            return _parse(_Source(_pieces(source)), stack, unique_keys)
         except JSONError:
             release([frame[0] for frame in stack])
             raise
 
 
-def _parse(text: str, stack: list[list[Any]], unique_keys: bool) -> Any:
-    n = len(text)
+def _pieces(source: str | bytes | bytearray | memoryview) -> Iterator[str]:
+    if isinstance(source, str):
+        for start in range(0, len(source), _STEP):
+            yield source[start : start + _STEP]
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    view = memoryview(source).cast("B")
+    try:
+        for start in range(0, len(view), _STEP):
+            try:
+                yield decoder.decode(view[start : start + _STEP], final=start + _STEP >= len(view))
+            except UnicodeDecodeError as exc:
+                held = len(decoder.getstate()[0]) if exc.start == 0 else 0
+                raise JSONError(f"not UTF-8 (byte {start + exc.start - held})") from None
+    finally:
+        view.release()
+
+
+class _Source:
+    """The text seen through a window that holds at least `_WINDOW` characters past any
+    position the parser asks for (fewer only at the end of the text)."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+        self.text = ""
+        self.base = 0  # offset in the whole text of text[0], for messages
+        self.done = False
+
+    def ensure(self, pos: int) -> int:
+        """Slide the window so that it starts at `pos`; returns `pos` in the new window."""
+        if self.done or len(self.text) - pos >= _WINDOW:
+            return pos
+        parts = [self.text[pos:]]
+        size = len(parts[0])
+        while size < _WINDOW:
+            piece = next(self._pieces, None)
+            if piece is None:
+                self.done = True
+                break
+            parts.append(piece)
+            size += len(piece)
+        self.text = "".join(parts)
+        self.base += pos
+        return 0
+
+    def at(self, pos: int) -> str:
+        return f"{self.base + pos}"
+
+
+def _parse(src: _Source, stack: list[list[Any]], unique_keys: bool) -> Any:
     # Each open container: [container, key awaiting its value (objects only)].
-    pos = _skip_ws(text, 0)
+    pos = _skip_ws(src, 0)
     while True:
         # -- one value at `pos`
-        if pos >= n:
-            raise JSONError(f"not valid JSON: input ended where a value was expected (at {pos})")
+        pos = src.ensure(pos)
+        text = src.text
+        if pos >= len(text):
+            raise JSONError(
+                f"not valid JSON: input ended where a value was expected (at {src.at(pos)})"
+            )
         c = text[pos]
         value: Any
         if c == "{" or c == "[":
             if len(stack) >= MAX_DEPTH:
                 raise JSONError(f"JSON nested too deeply (over {MAX_DEPTH} levels)")
-            pos = _skip_ws(text, pos + 1)
+            pos = _skip_ws(src, pos + 1)
             close = "}" if c == "{" else "]"
-            if pos < n and text[pos] == close:
+            if pos < len(src.text) and src.text[pos] == close:
                 value = {} if c == "{" else []
                 pos += 1
             elif c == "{":
-                key, pos = _key(text, pos)
+                key, pos = _key(src, pos)
                 stack.append([{}, key])
                 continue
             else:
                 stack.append([[], None])
                 continue
         elif c == '"':
-            value, pos = _string(text, pos)
+            value, pos = _string(src, pos)
         elif c == "-" or "0" <= c <= "9":
-            value, pos = _number(text, pos)
+            value, pos = _number(src, pos)
         elif text.startswith("true", pos):
             value, pos = True, pos + 4
         elif text.startswith("false", pos):
@@ -218,13 +277,14 @@ def _parse(text: str, stack: list[list[Any]], unique_keys: bool) -> Any:
         elif text.startswith("null", pos):
             value, pos = None, pos + 4
         else:
-            raise JSONError(f"not valid JSON: unexpected character {c!r} at {pos}")
+            raise JSONError(f"not valid JSON: unexpected character {c!r} at {src.at(pos)}")
         # -- attach it to the containers it completes
         while True:
-            pos = _skip_ws(text, pos)
+            pos = _skip_ws(src, pos)
+            text = src.text
             if not stack:
-                if pos != n:
-                    raise JSONError(f"not valid JSON: trailing characters at {pos}")
+                if pos != len(text):
+                    raise JSONError(f"not valid JSON: trailing characters at {src.at(pos)}")
                 return value
             top = stack[-1]
             container = top[0]
@@ -237,22 +297,23 @@ def _parse(text: str, stack: list[list[Any]], unique_keys: bool) -> Any:
             else:
                 container.append(value)
                 close = "]"
-            if pos < n and text[pos] == ",":
-                pos = _skip_ws(text, pos + 1)
+            if pos < len(text) and text[pos] == ",":
+                pos = _skip_ws(src, pos + 1)
                 if close == "}":
-                    top[1], pos = _key(text, pos)
+                    top[1], pos = _key(src, pos)
                 break  # the next value of this container
-            if pos < n and text[pos] == close:
+            if pos < len(text) and text[pos] == close:
                 stack.pop()
                 value = container
                 pos += 1
                 continue
-            raise JSONError(f"not valid JSON: expected ',' or {close!r} at {pos}")
+            raise JSONError(f"not valid JSON: expected ',' or {close!r} at {src.at(pos)}")
 
 
-def _skip_ws(text: str, pos: int) -> int:
+def _skip_ws(src: _Source, pos: int) -> int:
     while True:
-        match = _WS.match(text, pos, pos + MAX_TOKEN)
+        pos = src.ensure(pos)
+        match = _WS.match(src.text, pos, pos + MAX_TOKEN)
         assert match is not None  # `*` matches the empty string
         end = match.end()
         if end < pos + MAX_TOKEN:
@@ -260,26 +321,29 @@ def _skip_ws(text: str, pos: int) -> int:
         pos = end  # a long run: go on in bounded steps
 
 
-def _key(text: str, pos: int) -> tuple[str, int]:
-    if pos >= len(text) or text[pos] != '"':
-        raise JSONError(f"not valid JSON: expected a string key at {pos}")
-    key, pos = _string(text, pos)
-    pos = _skip_ws(text, pos)
-    if pos >= len(text) or text[pos] != ":":
-        raise JSONError(f"not valid JSON: expected ':' at {pos}")
-    return key, _skip_ws(text, pos + 1)
+def _key(src: _Source, pos: int) -> tuple[str, int]:
+    pos = src.ensure(pos)
+    if pos >= len(src.text) or src.text[pos] != '"':
+        raise JSONError(f"not valid JSON: expected a string key at {src.at(pos)}")
+    key, pos = _string(src, pos)
+    pos = _skip_ws(src, pos)
+    if pos >= len(src.text) or src.text[pos] != ":":
+        raise JSONError(f"not valid JSON: expected ':' at {src.at(pos)}")
+    return key, _skip_ws(src, pos + 1)
 
 
-def _string(text: str, pos: int) -> tuple[str, int]:
+def _string(src: _Source, pos: int) -> tuple[str, int]:
     """The string starting at ``text[pos] == '"'``, at most `MAX_TOKEN` characters long."""
+    pos = src.ensure(pos)
+    text = src.text
     limit = pos + 1 + MAX_TOKEN + 1  # the closing quote must lie before this
     i = pos + 1
     while True:
         q = text.find('"', i, limit)
         if q < 0:
             if limit > len(text):
-                raise JSONError(f"not valid JSON: unterminated string at {pos}")
-            raise JSONError(f"string at {pos} longer than {MAX_TOKEN} characters")
+                raise JSONError(f"not valid JSON: unterminated string at {src.at(pos)}")
+            raise JSONError(f"string at {src.at(pos)} longer than {MAX_TOKEN} characters")
         slashes = 0
         while text[q - 1 - slashes] == "\\":
             slashes += 1
@@ -292,13 +356,14 @@ def _string(text: str, pos: int) -> tuple[str, int]:
         raise JSONError(f"not valid JSON: {exc}") from None
 
 
-def _number(text: str, pos: int) -> tuple[int | float, int]:
-    m = _NUMBER.match(text, pos, pos + _NUMBER_CHARS + 1)
+def _number(src: _Source, pos: int) -> tuple[int | float, int]:
+    pos = src.ensure(pos)
+    m = _NUMBER.match(src.text, pos, pos + _NUMBER_CHARS + 1)
     if m is None:
-        raise JSONError(f"not valid JSON: bad number at {pos}")
+        raise JSONError(f"not valid JSON: bad number at {src.at(pos)}")
     end = m.end()
     if end > pos + _NUMBER_CHARS:
-        raise JSONError(f"number at {pos} longer than {_NUMBER_CHARS} characters")
+        raise JSONError(f"number at {src.at(pos)} longer than {_NUMBER_CHARS} characters")
     if m.group(1) or m.group(2):
         return float(m.group()), end
     return int(m.group()), end

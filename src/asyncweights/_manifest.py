@@ -386,7 +386,7 @@ class _Document:
             if len(self.data) <= FAST_BYTES:
                 decode_text(self.data)
             else:
-                self.tree = loads_stepwise(decode_text(self.data))
+                self.tree = loads_stepwise(self.data)
             self.parsed = True
         return self
 

@@ -58,7 +58,7 @@ def read_direct(blob: BlobPlan, model: str, *, verify: bool) -> dict[str, mx.arr
     return arrays
 
 
-def _read_again(blob: BlobPlan, model: str) -> bytearray:
+def _read_again(blob: BlobPlan, model: str) -> bytes:
     """Read a small blob whole, proving it is still the file whose header was validated."""
     header = blob.header
     try:
