@@ -258,7 +258,7 @@ def _convert_chunks(
     biases, bias_view = _output(sshape, _MX[sdtype], (n, groups))
     for i, blocks in chunks():
         p, sc, bi = convert_chunk(blocks)
-        packed[i : i + len(blocks)] = p
+        packed[i : i + len(blocks)].reshape(p.shape)[...] = p  # p may be a strided view
         scale_view[i : i + len(blocks)] = sc
         bias_view[i : i + len(blocks)] = bi
     return [weight, scales, biases]
@@ -313,30 +313,25 @@ def _f16(blocks: NDArray, at: int) -> NDArray:
     return blocks.view("<f2")[:, at // 2 : at // 2 + 1]
 
 
-_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
-_M16 = np.uint64(0x00FF00FF00FF00FF)
-_M32 = np.uint64(0x0000FFFF0000FFFF)
-_M64 = np.uint64(0xFFFFFFFF)
-_S4, _S8, _S16 = np.uint64(4), np.uint64(8), np.uint64(16)
-
-
-def _gather_nibbles(x: NDArray) -> NDArray:
-    """For uint64 words holding one nibble in the low half of each byte: the 8 nibbles
-    packed into the low 32 bits, byte order kept (a software ``pext``)."""
-    x = (x | (x >> _S4)) & _M16
-    x = (x | (x >> _S8)) & _M32
-    result: NDArray = ((x | (x >> _S16)) & _M64).astype(np.uint32)
-    return result
+_KEEP = np.uint64(0xF00FF00FF00FF00F)
+_DOWN = np.uint64(0x00F000F000F000F0)
+_UP = np.uint64(0x0F000F000F000F00)
+_S4 = np.uint64(4)
 
 
 def _nibbles(qs: NDArray) -> NDArray:
     """MLX 4-bit bytes for units of L bytes whose low nibbles are elements 0..L-1 and whose
-    high nibbles are elements L..2L-1 (ggml's Q4_0 and Q4_K order): (..., L) -> (..., L).
-    Eight source bytes are one uint64; their low (high) nibbles pack into 4 output bytes."""
-    words = np.ascontiguousarray(qs).view("<u8")
-    low = _gather_nibbles(words & _LOW_NIBBLES)
-    high = _gather_nibbles((words >> _S4) & _LOW_NIBBLES)
-    return np.concatenate([low, high], axis=-1).view(U8)
+    high nibbles are elements L..2L-1 (ggml's Q4_0 and Q4_K order).
+
+    Each byte pair ``b0, b1`` (a 16-bit lane ``v`` of a uint64) becomes the byte of their
+    low nibbles ``v & 0xF | (v >> 4) & 0xF0`` and the byte of their high nibbles, in place:
+    ``v & 0xF00F | (v >> 4) & 0x00F0 | (v << 4) & 0x0F00``. Returns a (…, 2, L/2) view
+    (low-nibble bytes, then high-nibble bytes) for the caller to copy into place.
+    """
+    words = qs.view("<u8")
+    lanes = (words & _KEEP) | ((words >> _S4) & _DOWN) | ((words << _S4) & _UP)
+    pairs = lanes.view(U8).reshape(*qs.shape[:-1], qs.shape[-1] // 2, 2)
+    return np.swapaxes(pairs, -1, -2)
 
 
 def _pack(q: NDArray, bits: int) -> NDArray:
@@ -415,7 +410,7 @@ def _k_scales(b: NDArray) -> tuple[NDArray, NDArray]:
 def _q4_k(b: NDArray) -> tuple[NDArray, NDArray, NDArray]:
     scales, biases = _k_scales(b)
     # 4 chunks of 32 bytes: low nibbles are sub-block 2c, high nibbles sub-block 2c+1
-    packed = _nibbles(b[:, 16:144].reshape(-1, 4, 32)).reshape(len(b), 128)
+    packed = _nibbles(b[:, 16:144].reshape(-1, 4, 32))  # (n, 4, 2, 16)
     return packed, scales, biases
 
 
