@@ -36,6 +36,11 @@ EXPECTED = {
         " group_size=64) (128, 16) -> (128, 128) mlx.core.bfloat16",
         "streamed 27 vae tensors as float16",
     ],
+    'for layer in ("self_attn.q_proj", "self_attn.o_proj"):': [
+        "self_attn.q_proj split on axis 0 holds",
+        "self_attn.o_proj split on axis 1 holds",
+        "embed_tokens held whole: True",
+    ],
     "async def handle_request(": [
         "0 {'status': 'success', 'digest': 'asyncweights-demo:2mib'",
         "2 26 tensors",
