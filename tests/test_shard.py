@@ -5,11 +5,13 @@ Multi-process groups (the ``ring`` backend) are in ``test_shard_dist.py``.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 import asyncweights as aw
@@ -256,3 +258,56 @@ def test_bad_shard_arguments() -> None:
 async def test_sharded_load_cannot_pull(store_root: Path) -> None:
     with pytest.raises(aw.ShardError, match="cannot pull"):
         await aw.load_weights("x", store=store_root, pull=True, shard=aw.Shard(0, 2))
+
+
+async def test_gguf_model_cannot_be_sharded(
+    builder: StoreBuilder, store_root: Path, tmp_path: Path
+) -> None:
+    from .test_gguf import write_gguf
+
+    path = write_gguf(
+        tmp_path / "m.gguf", {"blk.0.attn_q.weight": ("F32", np.ones((4, 8), np.float32))}
+    )
+    builder.add_gguf_model("g:latest", weights=path)
+    with pytest.raises(aw.ShardError) as caught:
+        await aw.load_weights("g", store=store_root, shard=aw.Shard(0, 2))
+    assert caught.value.reason == "sharded loads read safetensors blobs; this is a GGUF model"
+    assert caught.value.model == "g"
+
+
+async def test_check_shards_in_a_group_of_one(builder: StoreBuilder, store_root: Path) -> None:
+    build(builder)
+    group = mx.distributed.init()  # no launcher: the singleton group
+    assert group.size() == 1
+    weights = await aw.load_weights(MODEL, store=store_root, shard=aw.Shard.from_group(group))
+    assert all(info.shard is None for info in weights.info.values())  # a world of 1 is whole
+    aw.check_shards(group, weights)  # every tensor agrees with itself: no error
+
+
+def test_cli_loads_one_rank_by_hand(
+    builder: StoreBuilder, store_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asyncweights._cli import run
+
+    built = build(builder)
+    status = run(
+        ["load", "toy-tp", "--store", str(store_root), "--rank", "1", "--world", "2", "--json"]
+    )
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    facts = json.loads(out)["shard"]
+    split, _whole = split_bytes(built)
+    n_split = sum(expected(built, 0, 2)[n].shape != a.shape for n, a in built.expected.items())
+    assert facts["rank"] == 1
+    assert facts["world"] == 2
+    assert facts["layers"] is None
+    assert facts["split_tensors"] == n_split
+    assert facts["whole_tensors"] == len(built.expected) - n_split
+    assert facts["split_bytes_full"] == split
+    assert facts["split_bytes_held"] == split // 2
+    assert facts["bytes_read"] >= split // 2
+    assert facts["checked"] is False
+    status = run(["load", "toy-tp", "--store", str(store_root), "--world", "2", "--pipeline", "2"])
+    out, _ = capsys.readouterr()
+    assert status == 0, out
+    assert "rank 0/2, layers 0..0: 0 split tensors" in out
