@@ -3,6 +3,8 @@
     python bench/run.py                       # full: big + small, 5 runs, ~12 min on 2 cores
     python bench/run.py --size smoke --runs 1 # 64 MiB smoke, well under a minute
     python bench/run.py --strategies aw_load,seed --models big --conditions warm --runs 7
+    python bench/run.py --quick               # 5 pairs aw_load/seed, mid-size, under a minute
+    AW_BASE_SRC=../main/src python bench/run.py --quick --strategies aw_load,aw_load@base,seed
 
 Each repetition runs every strategy once, in the same order (A B C … A B C …), so drift on a
 noisy machine spreads evenly. Before a cold run every file of the model is evicted with
@@ -38,7 +40,7 @@ from strategies import STRATEGIES
 
 HERE = Path(__file__).resolve().parent
 MATRIX = [
-    "aw_load", "aw_stream", "aw_load_trio", "aw_stream_trio", "aw_verify",
+    "aw_load", "aw_load_fast", "aw_stream", "aw_load_trio", "aw_stream_trio", "aw_verify",
     "seed", "single", "st_numpy", "raw1", "raw2", "raw1_fresh", "raw2_fresh",
 ]  # fmt: skip
 MACHINE_LIMITS = ["memcpy", "sha256"]  # once per repetition, on "big", no cache condition
@@ -92,7 +94,7 @@ def machine_facts() -> dict[str, Any]:
 
 
 def _files(paths: ModelPaths, strategy: str) -> list[str]:
-    kind = STRATEGIES[strategy].files
+    kind = STRATEGIES[strategy.partition("@")[0]].files
     if kind == "blobs":
         return [*paths.blobs, paths.manifest]
     if kind == "single":
@@ -132,6 +134,9 @@ def _model_facts(p: ModelPaths) -> dict[str, Any]:
 def plan_runs(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
     """(model, condition, strategy, rep) in execution order: interleaved repetitions."""
     chosen = args.strategies.split(",") if args.strategies else None
+    if getattr(args, "quick", False) and chosen:
+        model = args.models.split(",")[0]
+        return [(model, "warm", s, rep) for rep in range(args.runs) for s in chosen]
 
     def keep(names: list[str]) -> list[str]:
         return [s for s in names if chosen is None or s in chosen]
@@ -162,14 +167,28 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="put the results in bench/README.md")
     parser.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     parser.add_argument("--from-json", type=Path, help="rebuild the reports from a runs.json")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="check a change: --scale 0.25 --models big --conditions warm --runs 5 and\n"
+        "--strategies aw_load,seed unless given; prints per-pair ratios, writes no report",
+    )
     args = parser.parse_args()
+    if args.quick:
+        if args.scale is None:
+            args.scale = 0.25
+        args.models, args.conditions = "big", "warm"
+        if args.strategies is None:
+            args.strategies = "aw_load,seed"
+        if "--runs" not in sys.argv:
+            args.runs = 5
     if args.from_json:
         doc = json.loads(args.from_json.read_text())
         out = args.out or args.from_json.parent
         publish(doc, out, args.json or args.from_json, args.readme)
         return
     if args.strategies:
-        unknown = set(args.strategies.split(",")) - set(STRATEGIES)
+        unknown = {s.partition("@")[0] for s in args.strategies.split(",")} - set(STRATEGIES)
         if unknown:
             parser.error(f"unknown strategies: {', '.join(sorted(unknown))}")
 
@@ -196,6 +215,9 @@ def main() -> None:
                 file=sys.stderr,
             )
 
+    if args.quick:
+        quick_summary(results, args.strategies.split(","))
+        return
     doc = {
         "command": command,
         "elapsed_s": time.monotonic() - started,
@@ -205,6 +227,44 @@ def main() -> None:
         "runs": results,
     }
     publish(doc, out, json_file, args.readme)
+
+
+def quick_summary(results: list[dict[str, Any]], strategies: list[str]) -> None:
+    """Median wall per strategy, and the first strategy's time ratio to each other's, taken
+    per repetition (pairs run back to back) and then the median: robust to drift."""
+    import statistics
+
+    by: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        if r.get("ok"):
+            by.setdefault(r["strategy"], {})[r["rep"]] = r
+    for name in strategies:
+        runs = list(by.get(name, {}).values())
+        if not runs:
+            print(f"{name:14s} no successful run", file=sys.stderr)
+            continue
+        line = f"{name:14s} n={len(runs)} wall {statistics.median(r['wall_s'] for r in runs):.3f} s"
+        lags = [r["lag_p99_ms"] for r in runs if r.get("lag_p99_ms") is not None]
+        if lags:
+            worst = max(r["lag_max_ms"] for r in runs)
+            line += f"  lag p99 {statistics.median(lags):.1f} ms (max {worst:.1f})"
+        if "first_tensor_ms" in runs[0]:
+            line += f"  first {statistics.median(r['first_tensor_ms'] for r in runs):.1f} ms"
+        print(line, file=sys.stderr)
+    first = strategies[0]
+    for other in strategies[1:]:
+        pairs = [
+            by[other][rep]["wall_s"] / by[first][rep]["wall_s"]
+            for rep in by.get(first, {})
+            if rep in by.get(other, {})
+        ]
+        if pairs:
+            print(
+                f"{first} speed vs {other}: median {statistics.median(pairs):.3f}x over "
+                f"{len(pairs)} pairs (range {min(pairs):.2f}-{max(pairs):.2f}; load avg "
+                f"{os.getloadavg()[0]:.1f})",
+                file=sys.stderr,
+            )
 
 
 def publish(doc: dict[str, Any], out: Path, json_file: Path, readme: bool) -> None:

@@ -3,6 +3,8 @@
     python bench/run_one.py STRATEGY MODEL_INFO_JSON
 
 ``MODEL_INFO_JSON`` is the ``<kind>-<tag>.json`` file `generate.py` wrote beside the store.
+``STRATEGY@base`` runs the strategy with the asyncweights source tree named by the
+``AW_BASE_SRC`` environment variable first on ``sys.path`` (an A/B against another commit).
 The line always has ``strategy`` and ``ok``; a failed run has ``error`` instead of figures.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,13 +22,18 @@ from strategies import STRATEGIES
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
-    parser.add_argument("strategy", choices=sorted(STRATEGIES))
+    parser.add_argument("strategy", help="a name from strategies.py, optionally with @base")
     parser.add_argument("model_info", type=Path)
     args = parser.parse_args()
+    name, _, variant = args.strategy.partition("@")
+    if name not in STRATEGIES or variant not in ("", "base"):
+        parser.error(f"unknown strategy {args.strategy!r}")
+    if variant:
+        sys.path.insert(0, os.environ["AW_BASE_SRC"])
     info = json.loads(args.model_info.read_text())
     paths = ModelPaths(**info["paths"])
     try:
-        figures = STRATEGIES[args.strategy].run(paths)
+        figures = STRATEGIES[name].run(paths)
         line = {"strategy": args.strategy, "ok": True, **figures}
     except Exception as exc:  # a failed run is a result too: report it, do not crash
         line = {"strategy": args.strategy, "ok": False, "error": f"{type(exc).__name__}: {exc}"}

@@ -184,11 +184,15 @@ def _aw_run(paths: ModelPaths, backend: str, body: Callable[[], Any]) -> Figures
     return out
 
 
-def aw_load(paths: ModelPaths, backend: str = "asyncio", verify: bool = False) -> Figures:
+def aw_load(
+    paths: ModelPaths, backend: str = "asyncio", verify: bool = False, throughput: bool = False
+) -> Figures:
     import asyncweights as aw
 
+    limits = aw.Limits.throughput() if throughput else None
+
     async def body() -> tuple[Figures, object]:
-        w = await aw.load_weights(paths.name, store=paths.store, verify=verify)
+        w = await aw.load_weights(paths.name, store=paths.store, verify=verify, limits=limits)
         return {"tensors": len(w)}, w
 
     return _aw_run(paths, backend, body)
@@ -392,6 +396,12 @@ STRATEGIES: dict[str, Strategy] = {
     "aw_load": Strategy(aw_load, "asyncweights", "blobs", "asyncweights.load_weights, asyncio"),
     "aw_load_trio": Strategy(
         lambda p: aw_load(p, "trio"), "asyncweights", "blobs", "load_weights under trio"
+    ),
+    "aw_load_fast": Strategy(
+        lambda p: aw_load(p, throughput=True),
+        "asyncweights",
+        "blobs",
+        "load_weights with Limits.throughput()",
     ),
     "aw_stream": Strategy(
         aw_stream, "asyncweights", "blobs", "stream_weights, asyncio; each tensor dropped"

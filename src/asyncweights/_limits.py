@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
-__all__ = ["Limits"]
+__all__ = ["Limits", "Priority"]
+
+#: What a load favours when it competes for the CPU with the rest of the process.
+Priority = Literal["responsive", "throughput"]
 
 MiB = 1 << 20
 
@@ -32,9 +36,24 @@ class Limits:
             ``mx.load``, which reads straight into fresh MLX buffers.
         prefetch_bytes: small blobs read whole while planning are kept for the load (so they
             are opened once), up to this many bytes in all; the rest are read again later.
-        reader_nice: groups are read in asyncweights' own threads at this nice value (MLX's
-            reader threads they start inherit it), so the event-loop thread runs first when
-            it wakes; None keeps normal priority.
+        reader_nice: groups are loaded in asyncweights' own threads at this nice value (MLX's
+            threads they start inherit it); None keeps normal priority.
+        priority: ``"responsive"`` (the default) keeps the event loop first in line: tensor
+            bytes are read in `read_chunk` pieces by threads at the lowest CPU priority
+            (``SCHED_IDLE`` on Linux), so a waking event loop preempts them at once (p99
+            loop lag ≤ 2 ms measured on 2 cores). ``"throughput"`` reads at normal priority
+            in long pieces, for batch tools with no event loop to keep free; see
+            `Limits.throughput`.
+        read_chunk: bytes per read call, and the most a cancel waits for once a group
+            started; None: 1 MiB when responsive, 32 MiB for throughput. The kernel does
+            not preempt a thread inside one read, so shorter reads keep the loop free.
+        pack_bytes: tensors of a group up to this size share one MLX buffer, as views;
+            None (the default) packs every tensor of the group. One allocation and one
+            read call per group is what makes a model of thousands of small blobs fast
+            (and 6-12% faster on large ones, measured). The trade-off: a tensor kept alive
+            keeps its group's whole buffer, at most `group_bytes` (or the one blob larger
+            than that, alone in its group); a `stream_weights` consumer that keeps a few
+            tensors of many groups should copy them or set 0 (one buffer per tensor).
         max_bytes: refuse a load whose tensors exceed this many bytes, before reading any.
         progress_interval: seconds between progress events (first and last always sent).
         pull_streams: blob downloads in flight at once while pulling (Ollama's default
@@ -67,6 +86,9 @@ class Limits:
     direct_read_bytes: int = 64 * 1024
     prefetch_bytes: int = 256 * MiB
     reader_nice: int | None = 10
+    priority: Priority = "responsive"
+    read_chunk: int | None = None
+    pack_bytes: int | None = None
     max_bytes: int | None = None
     progress_interval: float = 0.1
     max_manifest_bytes: int = 64 * MiB
@@ -78,6 +100,23 @@ class Limits:
     pull_streams: int = 4
     registry_timeout: float = 30.0
     registry_retries: int = 5
+
+    @classmethod
+    def throughput(cls, **changes: Any) -> Limits:
+        """Limits for raw speed where no event loop needs the CPU (the CLI's ``load``).
+
+        Normal-priority reads of 32 MiB, four groups of 64 MiB in flight: faster on a
+        loaded machine, at the cost of tens of milliseconds of event-loop lag.
+        """
+        base = cls(priority="throughput", workers=4, group_bytes=64 * MiB, max_open_files=64)
+        return replace(base, **changes)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes per read call in effect (`read_chunk`, or the priority's default)."""
+        if self.read_chunk is not None:
+            return self.read_chunk
+        return MiB if self.priority == "responsive" else 32 * MiB
 
     def __post_init__(self) -> None:
         for name in (
@@ -96,6 +135,12 @@ class Limits:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be at least 1")
+        if self.priority not in ("responsive", "throughput"):
+            raise ValueError("Limits.priority must be 'responsive' or 'throughput'")
+        if self.read_chunk is not None and self.read_chunk < 1:
+            raise ValueError("Limits.read_chunk must be at least 1")
+        if self.pack_bytes is not None and self.pack_bytes < 0:
+            raise ValueError("Limits.pack_bytes must not be negative")
         if self.buffered_groups < 0:
             raise ValueError("Limits.buffered_groups must not be negative")
         if self.max_bytes is not None and self.max_bytes < 0:

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -29,7 +29,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._errors import (
     AsyncWeightsError,
-    BudgetError,
     DuplicateTensorError,
     LoadError,
     ShardError,
@@ -42,9 +41,18 @@ from ._names import ModelName
 from ._plan import BlobPlan, Plan, PlannedTensor, make_plan
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
 from ._pull import PullSession, component_layers, open_session, run_pull, segment_ends
-from ._read import read_direct, read_gguf, read_lazy, read_shard, verify_file
+from ._read import (
+    fill_group,
+    mlx_error,
+    read_direct,
+    read_gguf,
+    read_lazy,
+    read_shard,
+    verify_file,
+)
 from ._shard import Shard
 from ._store import Model, ModelStore
+from ._vfile import mlx_fills_through_readinto
 from ._weights import Tensor, TensorInfo, Weights
 
 __all__ = ["load_weights", "stream_weights"]
@@ -410,21 +418,35 @@ async def _produce(
 ) -> None:
     indices = iter(range(len(plan.groups)))
     readers = _reader_threads(limits.reader_nice)
-
-    def load(index: int, box: list[_Loaded]) -> None:
-        args = (plan.groups[index], dtype, verify, plan.model, limits)
-        box.append(readers.submit(_load_group, *args).result())
+    # Set when the load is cancelled: reads stop at the next chunk (fill path).
+    cancel = threading.Event()
 
     async def worker() -> None:
         for index in indices:  # shared: each worker takes the next group not yet taken
-            # The result travels in a box we empty ourselves: an idle worker thread keeps
-            # its last return value alive, and a cancelled load must not pin a group.
-            box: list[_Loaded] = []
+            args = (plan.groups[index], dtype, verify, plan.model, limits, cancel)
+            # Results travel in a box we empty ourselves: a traceback or an idle thread
+            # that outlives a cancelled load must not pin a group's arrays.
+            box = [readers.submit(_load_group, *args)]
+            # Worker threads wait on an event, never on the future: a thread abandoned by
+            # a cancel must not hold the group's result for a moment after the load ends.
+            done = threading.Event()
+            box[0].add_done_callback(_setter(done))
             try:
-                await anyio.to_thread.run_sync(load, index, box)
-                await send.send(box[0])
+                try:
+                    await anyio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
+                except BaseException:
+                    # Cancelled: stop the reads, then wait for the group call to end (one
+                    # chunk at most) so that nothing outlives the load.
+                    cancel.set()
+                    if not box[0].cancel():  # already running
+                        with anyio.CancelScope(shield=True):
+                            await anyio.to_thread.run_sync(done.wait)
+                    raise
+                loaded = [box.pop().result()]
+                await send.send(loaded.pop())
             finally:
                 box.clear()
+                loaded = []
 
     async with send, anyio.create_task_group() as tg:
         for _ in range(min(limits.workers, len(plan.groups))):
@@ -506,6 +528,13 @@ def _claim(plan: Plan, owners: dict[str, tuple[str, str]]) -> None:
             owners[tensor.name] = (tensor.digest, tensor.key)
 
 
+def _setter(event: threading.Event) -> Callable[[object], None]:
+    def set_event(_: object) -> None:
+        event.set()
+
+    return set_event
+
+
 _READERS: dict[int | None, ThreadPoolExecutor] = {}
 _READERS_LOCK = threading.Lock()
 
@@ -543,12 +572,22 @@ def _reader_threads(nice: int | None) -> ThreadPoolExecutor:
 
 
 def _load_group(
-    group: list[BlobPlan], dtype: mx.Dtype | None, verify: bool, model: str, limits: Limits
+    group: list[BlobPlan],
+    dtype: mx.Dtype | None,
+    verify: bool,
+    model: str,
+    limits: Limits,
+    cancel: threading.Event | None = None,
 ) -> _Loaded:
     """Load and evaluate one group of blobs (runs in a worker thread; blocking)."""
     loaded: list[tuple[PlannedTensor, mx.array]] = []
     lazy: list[BlobPlan] = []
     try:
+        if mlx_fills_through_readinto() and all(
+            blob.gguf is None and not blob.sharded for blob in group
+        ):
+            loaded = fill_group(group, model, verify=verify, limits=limits, cancel=cancel)
+            return _finish_group(loaded, group, dtype, model)
         return _load_group_into(loaded, lazy, group, dtype, verify, model, limits)
     except BaseException as exc:
         # The traceback keeps the frames below alive, and with them lazy arrays that hold
@@ -556,6 +595,37 @@ def _load_group(
         loaded.clear()
         traceback.clear_frames(exc.__traceback__)
         raise
+
+
+def _convert(tensor: PlannedTensor, array: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    if (
+        dtype is not None
+        and not tensor.companion
+        and tensor.quantization is None
+        and array.dtype != dtype
+        and mx.issubdtype(array.dtype, mx.floating)
+    ):
+        return array.astype(dtype)
+    return array
+
+
+def _finish_group(
+    loaded: list[tuple[PlannedTensor, mx.array]],
+    group: list[BlobPlan],
+    dtype: mx.Dtype | None,
+    model: str,
+) -> _Loaded:
+    """Convert a filled group's tensors to `dtype` where asked, evaluated, as `Tensor` s."""
+    if dtype is not None:
+        loaded = [(tensor, _convert(tensor, array, dtype)) for tensor, array in loaded]
+        try:
+            mx.eval([array for _, array in loaded])
+        except RuntimeError as exc:
+            raise mlx_error(exc, group, model) from exc
+    return _Loaded(
+        [Tensor(tensor.name, array, _info(tensor, array)) for tensor, array in loaded],
+        sum(blob.nbytes for blob in group),
+    )
 
 
 def _load_group_into(
@@ -585,30 +655,13 @@ def _load_group_into(
             arrays = read_lazy(blob, model)
             lazy.append(blob)
         for tensor in blob.tensors:
-            array = arrays[tensor.key]
-            if (
-                dtype is not None
-                and not tensor.companion
-                and tensor.quantization is None
-                and array.dtype != dtype
-                and mx.issubdtype(array.dtype, mx.floating)
-            ):
-                array = array.astype(dtype)
-            loaded.append((tensor, array))
+            loaded.append((tensor, _convert(tensor, arrays[tensor.key], dtype)))
         del arrays
     hashing = _Hashing(lazy, model) if verify and lazy else None
     try:
         mx.eval([array for _, array in loaded])
     except RuntimeError as exc:
-        only = lazy[0] if len(lazy) == 1 else None
-        if "Unable to allocate" in str(exc):
-            raise BudgetError(f"out of memory evaluating tensors: {exc}", model=model) from exc
-        raise LoadError(
-            f"reading tensors failed: {exc}",
-            model=model,
-            digest=None if only is None else only.digest,
-            path=None if only is None else only.path,
-        ) from exc
+        raise mlx_error(exc, lazy, model) from exc
     finally:
         if hashing is not None:
             hashing.join()

@@ -1,4 +1,10 @@
-"""Getting a blob's tensor bytes into MLX arrays: two paths, both blocking (worker threads).
+"""Getting a blob's tensor bytes into MLX arrays, blocking (worker threads).
+
+`fill_group` is the read path for safetensors blobs: each blob of a group is opened once,
+proven to be the file whose header planning validated, and its tensors' byte ranges are
+read straight into fresh MLX memory by `fill_arrays` (every tensor of the group packed into
+one buffer by default), hashing those very bytes when verifying. Should MLX stop filling
+through ``readinto``, the two older paths below take over:
 
 * Small blobs are read whole with one ``pread`` and copied into MLX arrays: about 8 µs a
   blob, against about 40 µs for ``mx.load`` (which reparses the header and keeps a file
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,15 +26,174 @@ import mlx.core as mx
 from ._errors import (
     AsyncWeightsError,
     BlobError,
+    BudgetError,
     DigestMismatchError,
+    LoadError,
 )
 from ._files import StoreFile, _read_error, open_file
 from ._ggml import TARGETS, convert_blocks, read_raw
 from ._gguf import GGUFFile
 from ._header import DTYPES
-from ._plan import BlobPlan
+from ._limits import Limits
+from ._plan import BlobPlan, PlannedTensor
+from ._vfile import ArrayRequest, Digest, FillError, Span, fill_arrays, reader_pool
 
-__all__ = ["read_direct", "read_gguf", "read_lazy", "read_shard", "verify_file"]
+__all__ = [
+    "fill_group",
+    "mlx_error",
+    "open_blob",
+    "read_direct",
+    "read_gguf",
+    "read_lazy",
+    "read_shard",
+    "verify_file",
+]
+
+
+#: threads that read for every load of the process (idle priority when responsive): one
+#: read in flight per group being loaded, so more than any sensible `Limits.workers`
+_FILL_THREADS = 16
+
+
+def open_blob(blob: BlobPlan, model: str) -> StoreFile:
+    """Open a blob for reading and prove it is the file whose header planning validated.
+
+    Returns:
+        The open file (the caller closes it); every byte loaded comes through its fd.
+
+    Raises:
+        BlobMissingError, LoadError (with errno): the file cannot be opened or read.
+        BlobError: not a regular file, or its size or header differs from what was
+            planned ("blob changed while loading").
+    """
+    header = blob.header
+    try:
+        f = open_file(blob.path, "blob")
+    except AsyncWeightsError as exc:
+        exc.add_context(model=model, digest=blob.digest)
+        raise
+    try:
+        same = f.size == header.file_size and f.read(header.data_start, 0) == header.raw
+    except AsyncWeightsError as exc:
+        f.close()
+        exc.add_context(model=model, digest=blob.digest)
+        raise
+    if not same:
+        f.close()
+        raise BlobError(
+            "blob changed while loading", model=model, digest=blob.digest, path=blob.path
+        )
+    return f
+
+
+def fill_group(
+    group: list[BlobPlan],
+    model: str,
+    *,
+    verify: bool,
+    limits: Limits,
+    cancel: threading.Event | None,
+) -> list[tuple[PlannedTensor, mx.array]]:
+    """Read a group's tensors into evaluated MLX arrays, each blob through one descriptor.
+
+    Blobs whose bytes planning kept are copied from those bytes; the others are opened
+    here (`open_blob`). With `verify`, each blob's SHA-256 covers the validated header
+    and exactly the bytes that landed in the arrays.
+
+    Raises:
+        BlobError (changed or shrunk under the load), DigestMismatchError, BlobMissingError,
+        LoadError (I/O, with errno), BudgetError (MLX could not allocate).
+    """
+    files: list[StoreFile] = []
+    requests: list[ArrayRequest] = []
+    digests: list[Digest] = []
+    keys: list[tuple[PlannedTensor, str]] = []
+    try:
+        for index, blob in enumerate(group):
+            data, blob.data = blob.data, None  # loaded once; the arrays own copies
+            fd = -1
+            if data is None:
+                f = open_blob(blob, model)
+                files.append(f)
+                fd = f.fd
+            header = blob.header
+            digest = None
+            if verify:
+                digest = Digest(blob.digest, header.raw, header.file_size, tag=blob)
+                digests.append(digest)
+            made: set[str] = set()
+            for tensor in blob.tensors:
+                entry = tensor.entry
+                key = f"{index}/{tensor.key}"
+                keys.append((tensor, key))
+                if key in made:
+                    continue
+                made.add(key)
+                start = header.data_start + entry.begin
+                span = Span(fd, start, entry.end - entry.begin, data, digest, tag=blob)
+                requests.append(ArrayRequest(key, DTYPES[entry.dtype].mlx, entry.shape, [span]))
+            if digest is not None:
+                # Hash every byte of the file: tensors the load does not take included.
+                for entry in header.entries.values():
+                    if entry.key not in made and f"{index}/{entry.key}" not in made:
+                        start = header.data_start + entry.begin
+                        span = Span(fd, start, entry.end - entry.begin, data, digest, tag=blob)
+                        shape = (entry.end - entry.begin,)
+                        requests.append(
+                            ArrayRequest(f"{index}//{entry.key}", mx.uint8, shape, [span])
+                        )
+        try:
+            arrays = fill_arrays(
+                requests,
+                pack_upto=1 << 62 if limits.pack_bytes is None else limits.pack_bytes,
+                chunk=limits.chunk_bytes,
+                cancel=cancel,
+                reader=reader_pool("fill", _FILL_THREADS, limits.priority),
+            )
+        except FillError as exc:
+            raise _fill_error(exc, group, model) from exc.__cause__ or exc
+        except RuntimeError as exc:
+            raise mlx_error(exc, group, model) from exc
+    finally:
+        for f in files:
+            f.close()
+    for digest in digests:
+        if not digest.matches:
+            blob = digest.tag
+            raise DigestMismatchError(
+                f"blob bytes hash to {digest.actual()}",
+                model=model, digest=blob.digest, path=blob.path,
+            )  # fmt: skip
+    return [(tensor, arrays[key]) for tensor, key in keys]
+
+
+def _fill_error(exc: FillError, group: list[BlobPlan], model: str) -> AsyncWeightsError:
+    blob = exc.span.tag if exc.span is not None else (group[0] if len(group) == 1 else None)
+    cause = exc.__cause__
+    if isinstance(blob, BlobPlan) and "file ended early" in str(exc):
+        return BlobError(
+            "blob changed while loading", model=model, digest=blob.digest, path=blob.path
+        )
+    return LoadError(
+        f"cannot read blob: {cause.strerror}" if isinstance(cause, OSError) else str(exc),
+        model=model,
+        digest=None if blob is None else blob.digest,
+        path=None if blob is None else blob.path,
+        errno=cause.errno if isinstance(cause, OSError) else None,
+    )
+
+
+def mlx_error(exc: RuntimeError, group: list[BlobPlan], model: str) -> AsyncWeightsError:
+    """MLX's RuntimeError from loading or evaluating a group, as a typed error."""
+    if "Unable to allocate" in str(exc):
+        return BudgetError(f"out of memory evaluating tensors: {exc}", model=model)
+    only = group[0] if len(group) == 1 else None
+    return LoadError(
+        f"reading tensors failed: {exc}",
+        model=model,
+        digest=None if only is None else only.digest,
+        path=None if only is None else only.path,
+    )
 
 
 def read_direct(blob: BlobPlan, model: str, *, verify: bool) -> dict[str, mx.array]:

@@ -138,7 +138,7 @@ class Span:
     fd: int
     offset: int
     length: int
-    data: bytes | memoryview | None = None
+    data: bytes | bytearray | memoryview | None = None
     digest: Digest | None = None
     ready: Callable[[int], None] | None = None
     tag: Any = None
@@ -288,6 +288,9 @@ class VirtualFile:
         return bytes(buf[:n])
 
     def readinto(self, buffer: Any) -> int:
+        if self.error is not None:
+            # MLX may still run reads it queued before the first one failed: end them now.
+            raise FillError("an earlier read of this file failed")
         view = memoryview(buffer).cast("B")
         start = self._pos
         n = max(0, min(len(view), self._size - start))
@@ -491,13 +494,19 @@ def _probe() -> bool:
     return got == [data[:12], data[100:200]]
 
 
-def reader_pool(name: str, threads: int) -> ThreadPoolExecutor:
-    """A long-lived pool of idle-priority threads, one per `name` for the process."""
+def reader_pool(name: str, threads: int, priority: str = "responsive") -> ThreadPoolExecutor:
+    """A long-lived pool of threads, one per `name` and `priority` for the process.
+
+    ``"responsive"`` threads run at the lowest priority (`lower_thread_priority`);
+    ``"throughput"`` threads keep the creating thread's.
+    """
     with _POOLS_LOCK:
-        pool = _POOLS.get(name)
+        pool = _POOLS.get((name, priority))
         if pool is None:
-            pool = _POOLS[name] = ThreadPoolExecutor(
-                threads, thread_name_prefix=f"asyncweights-{name}", initializer=_lower
+            pool = _POOLS[name, priority] = ThreadPoolExecutor(
+                threads,
+                thread_name_prefix=f"asyncweights-{name}",
+                initializer=_lower if priority == "responsive" else None,
             )
         return pool
 
@@ -506,5 +515,5 @@ def _lower() -> None:
     lower_thread_priority()
 
 
-_POOLS: dict[str, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[str, str], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
