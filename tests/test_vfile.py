@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from asyncweights._vfile import (
+    _MLX_HELD,
     ArrayRequest,
     Digest,
     FillCancelled,
@@ -21,6 +22,7 @@ from asyncweights._vfile import (
     Span,
     VirtualFile,
     _layout,
+    _wait_for_mlx_threads,
     fill_arrays,
     lower_thread_priority,
     mlx_fills_through_readinto,
@@ -220,3 +222,15 @@ def test_reader_threads_run_at_idle_priority() -> None:
     # The calling thread is left as it was.
     assert os.sched_getscheduler(0) != getattr(os, "SCHED_IDLE", -1)
     assert lower_thread_priority  # the same function every pool thread starts with
+
+
+def test_exit_waits_until_mlx_threads_let_go_of_the_file_objects(
+    data_file: tuple[int, bytes],
+) -> None:
+    # MLX drops its references to a file object in its own threads, shortly after mx.load
+    # returned; one still doing so while the interpreter shuts down aborts the process.
+    fd, _ = data_file
+    for _ in range(20):
+        fill_arrays([ArrayRequest("x", mx.uint8, (4096,), [Span(fd, 0, 4096)])])
+    _wait_for_mlx_threads()  # what the exit handler runs
+    assert len(_MLX_HELD) == 0

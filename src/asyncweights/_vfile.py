@@ -26,12 +26,17 @@ says so and callers fall back to ``mx.load(path)``.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import contextlib
 import hashlib
 import json
 import os
+import sys
 import threading
+import time
+import traceback
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -392,15 +397,20 @@ def fill_arrays(
     buffers: list[mx.array] = []
     if layout.buffers:
         vfile = VirtualFile(layout, chunk=max(1, chunk), cancel=cancel, reader=reader)
+        ours = sys.getrefcount(vfile)
         try:
             loaded = mx.load(vfile, format="safetensors")  # type: ignore[arg-type]
         except RuntimeError:
             error = vfile.error
+            if error is not None:
+                traceback.clear_frames(error.__traceback__)  # frames that hold `vfile`
+            _settle(vfile, ours)
             if isinstance(error, (FillError, FillCancelled)):
                 raise error from error.__cause__
             if error is not None:
                 raise FillError(f"reading failed: {error!r}") from error
             raise
+        _settle(vfile, ours)
         assert isinstance(loaded, dict)
         if vfile.calls == 0:
             raise FillError("MLX did not read through the file object")
@@ -418,6 +428,27 @@ def fill_arrays(
     mx.eval(list(arrays.values()))
     _finish_digests(requests, layout, buffers)
     return arrays
+
+
+def _settle(vfile: VirtualFile, ours: int) -> None:
+    """Track `vfile` until MLX has dropped its references to it.
+
+    MLX drops them in its own threads, which take the GIL to do so, a millisecond or so
+    after ``mx.load`` returned. One doing so while the interpreter shuts down would abort
+    the process, so an exit handler waits for the stragglers (at most 2 s) first.
+    """
+    if sys.getrefcount(vfile) > ours + 1:
+        _MLX_HELD.add(vfile)
+
+
+def _wait_for_mlx_threads() -> None:
+    deadline = time.monotonic() + 2.0
+    while len(_MLX_HELD) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+_MLX_HELD: weakref.WeakSet[VirtualFile] = weakref.WeakSet()
+atexit.register(_wait_for_mlx_threads)
 
 
 def _finish_digests(
