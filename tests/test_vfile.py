@@ -44,7 +44,7 @@ def data_file(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def raw(array: mx.array) -> bytes:
-    return bytes(memoryview(array))  # type: ignore[arg-type]
+    return bytes(memoryview(array))  # type: ignore[arg-type, unused-ignore]
 
 
 def test_mlx_reads_tensor_data_through_readinto() -> None:
