@@ -232,5 +232,6 @@ def test_exit_waits_until_mlx_threads_let_go_of_the_file_objects(
     fd, _ = data_file
     for _ in range(20):
         fill_arrays([ArrayRequest("x", mx.uint8, (4096,), [Span(fd, 0, 4096)])])
-    _wait_for_mlx_threads()  # what the exit handler runs
-    assert len(_MLX_HELD) == 0
+    held = _wait_for_mlx_threads()
+    assert held == 0  # what the exit handler runs
+    assert _MLX_HELD == []

@@ -35,8 +35,6 @@ import os
 import sys
 import threading
 import time
-import traceback
-import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -401,18 +399,25 @@ def fill_arrays(
         try:
             loaded = mx.load(vfile, format="safetensors")  # type: ignore[arg-type]
         except RuntimeError:
-            error = vfile.error
-            if error is not None:
-                traceback.clear_frames(error.__traceback__)  # frames that hold `vfile`
+            error, vfile.error = vfile.error, None
+            # Its frames (the reader thread's included, which may still be running when
+            # the error arrives) hold `vfile`: keep the error, not the frames.
+            cause: BaseException | None = error
+            while cause is not None:
+                cause.__traceback__ = None
+                cause = cause.__cause__ or cause.__context__
             _settle(vfile, ours)
+            del vfile  # nor may the traceback of what is raised below
             if isinstance(error, (FillError, FillCancelled)):
                 raise error from error.__cause__
             if error is not None:
                 raise FillError(f"reading failed: {error!r}") from error
             raise
         _settle(vfile, ours)
+        calls = vfile.calls
+        del vfile
         assert isinstance(loaded, dict)
-        if vfile.calls == 0:
+        if calls == 0:
             raise FillError("MLX did not read through the file object")
         buffers = [loaded[str(i)] for i in range(len(layout.buffers))]
         del loaded
@@ -431,23 +436,39 @@ def fill_arrays(
 
 
 def _settle(vfile: VirtualFile, ours: int) -> None:
-    """Track `vfile` until MLX has dropped its references to it.
+    """Keep `vfile` until MLX has dropped its references to it.
 
     MLX drops them in its own threads, which take the GIL to do so, a millisecond or so
     after ``mx.load`` returned. One doing so while the interpreter shuts down would abort
-    the process, so an exit handler waits for the stragglers (at most 2 s) first.
+    the process, so an exit handler waits for the stragglers (at most 2 s) first; holding
+    them here also makes the last reference, and the freeing, ours.
     """
-    if sys.getrefcount(vfile) > ours + 1:
-        _MLX_HELD.add(vfile)
+    with _HELD_LOCK:
+        _prune()
+        if sys.getrefcount(vfile) > ours + 1:  # + this frame's argument
+            _MLX_HELD.append(vfile)
 
 
-def _wait_for_mlx_threads() -> None:
+def _prune() -> int:
+    """Drop the held files MLX has let go of; return how many MLX still holds."""
+    # A file nobody else holds has 3 references while tested: the list, `f`, the argument.
+    _MLX_HELD[:] = [f for f in _MLX_HELD if sys.getrefcount(f) > 3]
+    return len(_MLX_HELD)
+
+
+def _wait_for_mlx_threads() -> int:
+    """Wait (at most 2 s) until MLX's threads hold no file object; return how many do."""
     deadline = time.monotonic() + 2.0
-    while len(_MLX_HELD) and time.monotonic() < deadline:
+    while True:
+        with _HELD_LOCK:
+            held = _prune()
+        if not held or time.monotonic() > deadline:
+            return held
         time.sleep(0.001)
 
 
-_MLX_HELD: weakref.WeakSet[VirtualFile] = weakref.WeakSet()
+_MLX_HELD: list[VirtualFile] = []
+_HELD_LOCK = threading.Lock()
 atexit.register(_wait_for_mlx_threads)
 
 
