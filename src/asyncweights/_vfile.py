@@ -84,7 +84,9 @@ class Digest:
 
     __slots__ = ("_hash", "_lock", "_next", "_unordered", "expected", "prefix", "size", "tag")
 
-    def __init__(self, expected: str, prefix: bytes, size: int, tag: Any = None) -> None:
+    def __init__(
+        self, expected: str, prefix: bytes | bytearray, size: int, tag: Any = None
+    ) -> None:
         self.expected = expected
         self.prefix = prefix
         self.size = size
