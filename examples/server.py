@@ -330,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    # Listen before announcing: a client that connects while uvicorn still starts waits in
+    # the backlog instead of being refused.
+    sock.listen(2048)
     host, port = sock.getsockname()[:2]
     print(f"listening on http://{host}:{port}", flush=True)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
