@@ -177,7 +177,9 @@ def main() -> None:
     if args.quick:
         if args.scale is None:
             args.scale = 0.25
-        args.models, args.conditions = "big", "warm"
+        args.conditions = "warm"
+        if "--models" not in sys.argv:
+            args.models = "big"
         if args.strategies is None:
             args.strategies = "aw_load,seed"
         if "--runs" not in sys.argv:

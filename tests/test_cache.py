@@ -525,3 +525,33 @@ async def test_the_budget_wait_is_bounded_and_cancellable(
             assert [e.model for e in c.entries()] == ["toy"]  # other left no entry
         assert [e.name for e in c.entries()] == ["toy:latest"]
     wait_quiet(store_root)
+
+
+def _cache_limit() -> int:
+    limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(limit)
+    return limit
+
+
+async def test_evicted_buffers_stay_in_mlx_cache_for_the_reload(
+    store_root: Path, toy: BuiltModel
+) -> None:
+    # A reload after eviction reuses the buffers the evicted weights freed, up to the
+    # budget, instead of faulting in fresh memory; the process-wide limit comes back after.
+    mx.clear_cache()
+    outer = mx.set_cache_limit(0)
+    try:
+        async with cache(store_root, max_bytes=4 * MODEL_BYTES) as c:
+            assert _cache_limit() == 4 * MODEL_BYTES
+            async with c.lease("toy", "transformer") as first:
+                assert_exact(first, toy, "transformer")
+            c.evict()
+            kept = mx.get_cache_memory()
+            assert kept >= 8 * 128 * KiB  # the 8 transformer tensors' buffers
+            async with c.lease("toy", "transformer") as second:
+                assert_exact(second, toy, "transformer")
+                assert mx.get_cache_memory() <= kept - 8 * 128 * KiB  # taken back
+        assert _cache_limit() == 0
+    finally:
+        mx.set_cache_limit(outer)
+        mx.clear_cache()

@@ -81,6 +81,47 @@ async def test_every_era_loads_bit_exact(
     assert weights.model == "toy"
 
 
+LIMIT_CHOICES = {
+    "throughput": aw.Limits.throughput(),
+    "tiny-chunks-unpacked": aw.Limits(read_chunk=100, pack_bytes=0, group_bytes=4096),
+    "pack-small": aw.Limits(pack_bytes=1024, group_bytes=64 * 1024, workers=3),
+    "verify-tiny-chunks": aw.Limits(read_chunk=77, direct_read_bytes=0),
+}
+
+
+@pytest.mark.parametrize("limits", LIMIT_CHOICES.values(), ids=LIMIT_CHOICES.keys())
+async def test_every_read_setting_loads_bit_exact(
+    builder: StoreBuilder, store_root: Path, limits: aw.Limits
+) -> None:
+    # Chunk sizes that split every tensor, one buffer per tensor or per group, throughput
+    # priority: the bytes that land in the arrays are the blob's, and verify agrees.
+    built = builder.add_model(
+        "toy:latest",
+        image_gen_tensors(),
+        era="E3",
+        quantize={"transformer/blocks.0.ff.weight": "int4"},
+    )
+    weights = await aw.load_weights("toy", store=store_root, limits=limits, verify=True)
+    assert_bit_exact(store_root, weights, built.component(None))
+
+
+def test_limits_priority_choices() -> None:
+    fast = aw.Limits.throughput(workers=6)
+    assert (fast.priority, fast.workers, fast.group_bytes, fast.chunk_bytes) == (
+        "throughput", 6, 64 << 20, 32 << 20,
+    )  # fmt: skip
+    assert (aw.Limits().priority, aw.Limits().chunk_bytes, aw.Limits().pack_bytes) == (
+        "responsive", 1 << 20, None,
+    )  # fmt: skip
+    assert aw.Limits(read_chunk=4096).chunk_bytes == 4096
+    with pytest.raises(ValueError, match=r"Limits\.priority must be 'responsive' or 'throughput'"):
+        aw.Limits(priority="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Limits\.read_chunk must be at least 1"):
+        aw.Limits(read_chunk=0)
+    with pytest.raises(ValueError, match=r"Limits\.pack_bytes must not be negative"):
+        aw.Limits(pack_bytes=-1)
+
+
 @pytest.mark.parametrize(
     ("qtype", "group", "bits", "mode", "companions"),
     [

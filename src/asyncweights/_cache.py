@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 import anyio
 import anyio.to_thread
+import mlx.core as mx
 
 from ._errors import (
     AsyncWeightsError,
@@ -45,7 +46,6 @@ from ._store import Model, ModelStore
 if TYPE_CHECKING:
     from types import TracebackType
 
-    import mlx.core as mx
     from anyio.abc import TaskGroup
 
     from ._weights import Weights
@@ -261,6 +261,8 @@ class WeightCache:
         )
         self._tg: TaskGroup | None = None
         self._closed = False
+        # (MLX's buffer cache limit before, the one set) while the cache raised it
+        self._cache_limit: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         s = self.stats
@@ -275,6 +277,15 @@ class WeightCache:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        if self.max_bytes:
+            # Keep freed buffers in MLX's cache up to the budget: a model evicted and loaded
+            # again reuses its buffers instead of faulting in fresh pages (1.8-2.8x faster
+            # reloads measured). Process-wide, so only raised, and restored on close.
+            previous = mx.set_cache_limit(max(self.max_bytes, mx.get_cache_memory()))
+            if previous >= self.max_bytes:
+                mx.set_cache_limit(previous)
+            else:
+                self._cache_limit = (previous, self.max_bytes)
         return self
 
     async def __aexit__(
@@ -422,6 +433,12 @@ class WeightCache:
         if self._closed:
             return
         self._closed = True
+        if self._cache_limit is not None:
+            previous, ours = self._cache_limit
+            self._cache_limit = None
+            limit = mx.set_cache_limit(previous)
+            if limit != ours:  # someone changed it since: theirs stays
+                mx.set_cache_limit(limit)
         for entry in list(self._running):
             entry.error = LoadError("the cache was closed while loading", model=entry.label)
             entry.scope.cancel()

@@ -594,6 +594,7 @@ async def load_summary(
     weights = await load_weights(
         model, component, store=store, dtype=dtype, verify=verify,
         on_progress=out.on_progress, pull=pull, registry=registry, shard=shard,
+        limits=Limits.throughput(),  # a command line has no event loop to keep free
     )  # fmt: skip
     seconds = time.perf_counter() - started
     read_after = _rchar()
