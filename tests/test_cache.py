@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,26 +36,26 @@ class Calls:
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
     counter = Calls()
-    real = load_module.load_weights
+    real = load_module.load_plan
 
     async def counted(*args: Any, **kwargs: Any) -> aw.Weights:
         counter.count += 1
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_module, "load_weights", counted)
+    monkeypatch.setattr(cache_module, "load_plan", counted)
     return counter
 
 
 @pytest.fixture(autouse=True)
 def slow_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make each group take GROUP_DELAY seconds in its worker, so loads can be caught mid-way."""
-    real: Callable[..., Any] = load_module._load_group
+    real: Callable[..., Any] = load_module.load_group
 
     def slow(*args: Any) -> Any:
         time.sleep(GROUP_DELAY)
         return real(*args)
 
-    monkeypatch.setattr(load_module, "_load_group", slow)
+    monkeypatch.setattr(load_module, "load_group", slow)
 
 
 def add_model(builder: StoreBuilder, name: str, seed: int = 0) -> BuiltModel:
@@ -366,7 +367,7 @@ async def test_a_failed_load_is_not_cached(
 async def test_every_waiter_gets_the_failure(
     store_root: Path, toy: BuiltModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    slow = load_module._load_group
+    slow = load_module.load_group
     calls = 0
 
     def fail_third(*args: Any) -> Any:
@@ -376,7 +377,7 @@ async def test_every_waiter_gets_the_failure(
             raise aw.LoadError("reading tensors failed: injected", model="toy")
         return slow(*args)
 
-    monkeypatch.setattr(load_module, "_load_group", fail_third)
+    monkeypatch.setattr(load_module, "load_group", fail_third)
     async with cache(store_root) as c:
         errors: list[BaseException] = []
 
@@ -555,3 +556,26 @@ async def test_evicted_buffers_stay_in_mlx_cache_for_the_reload(
     finally:
         mx.set_cache_limit(outer)
         mx.clear_cache()
+
+
+async def test_a_lease_plans_once_reading_each_header_once(
+    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cache plans to reserve memory and then loads that same plan: one header read per
+    # blob (planning twice read 10 headers for this 5-blob model).
+    from asyncweights import _read
+
+    shapes = {f"blocks.{i}.weight": (4, 8) for i in range(5)}
+    builder.add_model("five:latest", random_weights(shapes, seed=5))
+    reads: list[str] = []
+    real = _read.read_blob_head
+
+    def counted(path: Any, **kwargs: Any) -> Any:
+        reads.append(os.fspath(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(_read, "read_blob_head", counted)
+    async with aw.WeightCache(store=store_root) as cache, cache.lease("five") as weights:
+        assert sorted(weights) == sorted(shapes)
+    assert len(reads) == 5
+    assert len(set(reads)) == 5

@@ -281,7 +281,7 @@ async def test_anything_raised_while_evaluating_is_one_typed_error(
 async def test_anything_raised_while_planning_is_one_typed_error(
     builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
-    from asyncweights import _plan
+    from asyncweights import _read
 
     builder.add_model(MODEL, random_weights({"a": (4,), "b": (3,)}))
     make, expected, message = _RAISED[case]
@@ -289,7 +289,7 @@ async def test_anything_raised_while_planning_is_one_typed_error(
     def failing(*args: Any, **kwargs: Any) -> Any:
         raise make()
 
-    monkeypatch.setattr(_plan, "read_blob_head", failing)
+    monkeypatch.setattr(_read, "read_blob_head", failing)
     if case == "oserror":  # the planner words it, naming the blob it was reading
         message = "cannot read blob header: Input/output error"
     exc = await fails(expected, store_root, MODEL, message)
@@ -488,4 +488,4 @@ def test_limits_reject_caps_below_one() -> None:
 
 def test_load_module_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     # The planner seam the tests above patch must stay the one the pipeline calls.
-    assert _load.make_plan.__module__ == "asyncweights._plan"
+    assert _load.make_plan.__module__ == "asyncweights._load"

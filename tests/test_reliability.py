@@ -1172,7 +1172,7 @@ async def test_load_over_budget_is_refused_before_it_starts(
     builder.add_model(MODEL, w)
     total = sum(a.nbytes for a in w.values())
     started: list[object] = []
-    monkeypatch.setattr(_load, "_load_group", lambda *args: started.append(args))
+    monkeypatch.setattr(_load, "load_group", lambda *args: started.append(args))
     await fails(
         aw.BudgetError,
         store_root,

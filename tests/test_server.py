@@ -32,13 +32,13 @@ LAUNCH = f"""
 import runpy, sys, time
 import asyncweights._load as load
 
-real = load._load_group
+real = load.load_group
 
 def slow(*args):
     time.sleep({GROUP_DELAY})
     return real(*args)
 
-load._load_group = slow
+load.load_group = slow
 sys.argv = [{str(SERVER)!r}, *sys.argv[1:]]
 runpy.run_path({str(SERVER)!r}, run_name="__main__")
 """

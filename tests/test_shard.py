@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import asyncweights as aw
-from asyncweights import _load
+from asyncweights import _read
 from asyncweights.testing import StoreBuilder, random_array
 
 from .shard_support import (
@@ -222,7 +222,7 @@ async def test_column_split_inside_a_group_fails_before_any_read(
         quantize={name: ("int4", 128)},
     )
     reads: list[object] = []
-    monkeypatch.setattr(_load, "read_shard", lambda *a: reads.append(a))
+    monkeypatch.setattr(_read, "read_shard", lambda *a: reads.append(a))
     with pytest.raises(aw.ShardError) as caught:
         await aw.load_weights("cut", store=store_root, shard=aw.Shard(0, 2))
     assert caught.value.tensor == name

@@ -51,15 +51,14 @@ from ._quant import Quantization as Quantization
 from ._remove import Removal as Removal
 from ._remove import remove_model as remove_model
 from ._shard import Shard as Shard
-from ._shard import ShardSlice as ShardSlice
 from ._shard import check_shards as check_shards
 from ._store import Model as Model
 from ._store import ModelStore as ModelStore
+from ._version import __version__ as __version__
+from ._weights import ShardSlice as ShardSlice
 from ._weights import Tensor as Tensor
 from ._weights import TensorInfo as TensorInfo
 from ._weights import Weights as Weights
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AsyncWeightsError",

@@ -5,7 +5,7 @@
            ├► ready entry ─────► hit: one more lease on the shared `Weights`
            ├► load in flight ──► join it as a waiter, watching its progress
            └► neither ─────────► new entry, loaded by a task in the cache's task group:
-                                 plan ─► make room (evict LRU unleased) ─► load_weights
+                                 plan ─► make room (evict LRU unleased) ─► load that plan
 
 An entry lives in one of two maps: `_loading` (joinable loads) or `_ready` (insertion order
 is the LRU order). A load whose last waiter leaves is cancelled and leaves `_loading` at
@@ -19,7 +19,7 @@ import inspect
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import anyio
@@ -34,10 +34,10 @@ from ._errors import (
 )
 from ._header import FLOAT_DTYPES
 from ._limits import Limits
-from ._load import ModelRef, StoreRef, load_weights
+from ._load import ModelRef, StoreRef, load_plan, make_plan
 from ._manifest import Manifest
 from ._names import ModelName
-from ._plan import Plan, make_plan
+from ._plan import Plan
 from ._progress import Progress, ProgressCallback
 from ._pull import pull as pull_model
 from ._shard import Shard
@@ -535,17 +535,14 @@ class WeightCache:
                 if shard is None:
                     plan = await make_plan(model, component, limits)
                 else:
-                    plan = await make_plan(shard.select_layers(model), component, limits)
-                    shard.apply(plan, limits)
+                    # Headers only, as a sharded `load_weights` plans: no blob read whole.
+                    headers_only = replace(limits, prefetch_bytes=0)
+                    plan = await make_plan(shard.select_layers(model), component, headers_only)
+                    await anyio.to_thread.run_sync(shard.apply, plan, limits)
                 await self._reserve(entry, _estimate(plan, dtype))
-                weights = await load_weights(
-                    model,
-                    component,
-                    dtype=dtype,
-                    verify=verify,
-                    on_progress=entry.publish,
-                    limits=limits,
-                    shard=shard,
+                # The plan made for the reservation is the one loaded: headers read once.
+                weights = await load_plan(
+                    plan, dtype=dtype, verify=verify, on_progress=entry.publish, limits=limits
                 )
         except AsyncWeightsError as exc:
             entry.error = exc

@@ -35,17 +35,20 @@ from typing import Any, NoReturn
 
 import anyio
 import anyio.to_thread
+import mlx.core as mx
 import msgspec
 
 from ._errors import AsyncWeightsError, BlobMissingError, InvalidNameError, first_error
 from ._files import open_file
 from ._gguf import read_gguf_header
 from ._limits import Limits
-from ._load import load_weights
-from ._plan import Plan, make_plan
+from ._load import load_weights, make_plan
+from ._names import ModelName
+from ._plan import Plan
 from ._progress import Progress
 from ._shard import Shard, check_shards
 from ._store import Model, ModelStore, child_runner_of
+from ._version import __version__
 
 __all__ = ["main", "run"]
 
@@ -941,9 +944,46 @@ async def cmd_rm(args: argparse.Namespace, out: Output) -> Result:
 
 
 async def cmd_demo(args: argparse.Namespace, out: Output) -> Result:
-    from ._demo import run_demo
+    """Generate (or reuse) the demo models, load each with a progress bar, and summarize."""
+    from ._demo import cache_dir, demo_names, ensure_demo, remove_other_sizes
 
-    return await run_demo(args, out)
+    size: int = args.size
+    default_store = args.store is None
+    store = ModelStore(args.store if args.store else cache_dir() / "demo")
+    names = demo_names(size)
+    for name in names:
+        ModelName.parse(name)
+    generated = await ensure_demo(store, size, out)
+    removed: list[str] = []
+    if default_store and not args.keep:
+        # Only the cache's own store is ever cleaned, never a store the user named.
+        removed = await anyio.to_thread.run_sync(remove_other_sizes, store, size)
+    loads = []
+    for name in names:
+        mx.reset_peak_memory()
+        summary = await load_summary(
+            out, name, None, store=str(store.root), description=f"loading {name}"
+        )
+        summary["mlx_peak_bytes"] = int(mx.get_peak_memory())
+        loads.append(summary)
+    memory = peak_memory()
+    memory["mlx_peak_bytes"] = max(s["mlx_peak_bytes"] for s in loads)
+    data = {
+        "store": str(store.root),
+        "size": size,
+        "generated": generated is not None,
+        "generate_seconds": None if generated is None else round(generated, 3),
+        "removed": removed,
+        "loads": loads,
+        **memory,
+    }
+    how = "reused" if generated is None else f"generated in {generated:.2f} s"
+    lines = [f"demo store {store.root} ({how})"]
+    for s in loads:
+        lines += summary_lines(s)
+        lines.append(f"  peak MLX memory during this load: {s['mlx_peak_bytes'] / MiB:.1f} MiB")
+    lines.append(memory_line(memory))
+    return Result(data, lines)
 
 
 # ---------------------------------------------------------------------------------- plumbing
@@ -955,8 +995,6 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--store", metavar="DIR", help="models root (default: $OLLAMA_MODELS or ~/.ollama/models)"

@@ -12,7 +12,6 @@ generation is bound by writing and hashing, not by a random number generator.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import os
@@ -21,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -29,8 +28,14 @@ import mlx.core as mx
 
 from ._errors import AsyncWeightsError
 from ._import import write_quantized
-from ._manifest import CONFIG_MEDIA_TYPE, JSON_MEDIA_TYPE, TENSOR_MEDIA_TYPE, Layer, build_manifest
-from ._names import ModelName
+from ._manifest import (
+    CONFIG_MEDIA_TYPE,
+    JSON_MEDIA_TYPE,
+    TENSOR_MEDIA_TYPE,
+    Layer,
+    build_manifest,
+    decode_manifest,
+)
 from ._quant import quant_params, should_quantize
 from ._store import ModelStore
 from ._writer import (
@@ -42,10 +47,26 @@ from ._writer import (
     write_tensor_blob,
 )
 
-if TYPE_CHECKING:
-    from ._cli import Output, Result
 
-__all__ = ["DEMO_MODEL", "cache_dir", "demo_names", "demo_tensors", "ensure_demo", "run_demo"]
+class Bar(Protocol):
+    """Where generation reports its progress (the CLI's progress bar)."""
+
+    def start(self, description: str, total: float) -> None: ...
+
+    def update(self, completed: float) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+__all__ = [
+    "DEMO_MODEL",
+    "Bar",
+    "cache_dir",
+    "demo_names",
+    "demo_tensors",
+    "ensure_demo",
+    "remove_other_sizes",
+]
 
 DEMO_MODEL = "asyncweights-demo"
 MiB = 1 << 20
@@ -248,8 +269,6 @@ def is_complete(store: ModelStore, name: str) -> bool:
         path = store.resolve(name)
     except AsyncWeightsError:
         return False
-    from ._manifest import decode_manifest
-
     try:
         manifest = decode_manifest(path.read_bytes())
     except (AsyncWeightsError, OSError):
@@ -263,7 +282,7 @@ def is_complete(store: ModelStore, name: str) -> bool:
     return True
 
 
-async def ensure_demo(store: ModelStore, size: int, out: Output | None = None) -> float | None:
+async def ensure_demo(store: ModelStore, size: int, out: Bar | None = None) -> float | None:
     """Write the demo models of `size` unless both are complete; return seconds spent or None."""
     names = demo_names(size)
     if all(is_complete(store, n) for n in names):
@@ -357,8 +376,6 @@ def remove_other_sizes(store: ModelStore, size: int) -> list[str]:
             removed.append(str(name))
     if not removed:
         return removed
-    from ._manifest import decode_manifest
-
     used: set[str] = set()
     for name in store.list_names():
         manifest = decode_manifest(store.manifest_path(name).read_bytes())
@@ -367,53 +384,6 @@ def remove_other_sizes(store: ModelStore, size: int) -> list[str]:
         if "sha256:" + blob.name[7:] not in used:
             blob.unlink(missing_ok=True)
     return removed
-
-
-async def run_demo(args: argparse.Namespace, out: Output) -> Result:
-    """Generate (or reuse) the demo models, load each with a progress bar, and summarize."""
-    from ._cli import Result, load_summary, memory_line, peak_memory, summary_lines
-
-    size: int = args.size
-    default_store = args.store is None
-    store = ModelStore(args.store if args.store else cache_dir() / "demo")
-    names = demo_names(size)
-    for name in names:
-        ModelName.parse(name)
-    generated = await ensure_demo(store, size, out)
-    removed: list[str] = []
-    if default_store and not args.keep:
-        # Only the cache's own store is ever cleaned, never a store the user named.
-        removed = await anyio.to_thread.run_sync(remove_other_sizes, store, size)
-    loads = []
-    for name in names:
-        mx.reset_peak_memory()
-        summary = await load_summary(
-            out, name, None, store=str(store.root), description=f"loading {name}"
-        )
-        summary["mlx_peak_bytes"] = int(mx.get_peak_memory())
-        loads.append(summary)
-    memory = peak_memory()
-    memory["mlx_peak_bytes"] = max(s["mlx_peak_bytes"] for s in loads)
-    data = {
-        "store": str(store.root),
-        "size": size,
-        "generated": generated is not None,
-        "generate_seconds": None if generated is None else round(generated, 3),
-        "removed": removed,
-        "loads": loads,
-        **memory,
-    }
-    how = "reused" if generated is None else f"generated in {generated:.2f} s"
-    lines = [f"demo store {store.root} ({how})"]
-    for s in loads:
-        lines += summary_lines(s)
-        lines.append(f"  peak MLX memory during this load: {format_mib(s['mlx_peak_bytes'])}")
-    lines.append(memory_line(memory))
-    return Result(data, lines)
-
-
-def format_mib(n: int) -> str:
-    return f"{n / MiB:.1f} MiB"
 
 
 def clear_cache() -> None:

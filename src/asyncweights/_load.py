@@ -12,14 +12,14 @@ open files as well as bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
 
 import anyio
 import anyio.to_thread
@@ -29,45 +29,38 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._errors import (
     AsyncWeightsError,
+    ComponentNotFoundError,
     DuplicateTensorError,
     LoadError,
     ShardError,
     as_typed,
     typed_error,
 )
+from ._gguf import GGUFFile
+from ._header import BlobHeader
 from ._limits import Limits
-from ._manifest import Manifest
+from ._manifest import Layer, Manifest
 from ._names import ModelName
-from ._plan import BlobPlan, Plan, PlannedTensor, make_plan
+from ._plan import Hints, Plan, blob_paths, plan_gguf, plan_tensors, select_layers
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
 from ._pull import PullSession, component_layers, open_session, run_pull, segment_ends
+from ._quant import model_hints
 from ._read import (
-    fill_group,
-    mlx_error,
-    read_direct,
-    read_gguf,
-    read_lazy,
-    read_shard,
-    verify_file,
+    Loaded,
+    files_per_group,
+    gguf_header,
+    load_group,
+    read_heads,
+    reader_threads,
 )
 from ._shard import Shard
 from ._store import Model, ModelStore
-from ._vfile import mlx_fills_through_readinto
 from ._weights import Tensor, TensorInfo, Weights
 
-__all__ = ["load_weights", "stream_weights"]
+__all__ = ["load_plan", "load_weights", "make_plan", "open_model", "stream_weights"]
 
 ModelRef = str | os.PathLike[str] | ModelName | Manifest | Model
 StoreRef = str | os.PathLike[str] | ModelStore | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Loaded:
-    """One evaluated group, ready for the consumer: built in the worker, so the event loop
-    only files references away."""
-
-    tensors: list[Tensor]
-    nbytes: int
 
 
 async def load_weights(
@@ -115,12 +108,35 @@ async def load_weights(
         AsyncWeightsError: a subclass naming the model, tensor, digest and file at fault.
             Nothing partially loaded is returned; cancellation frees everything.
     """
+    pipeline = _pipeline(
+        model, component, store, dtype, verify, on_progress, limits, pull, registry, shard
+    )
+    return await _weights(pipeline)
+
+
+async def load_plan(
+    plan: Plan,
+    *,
+    dtype: mx.Dtype | None = None,
+    verify: bool = False,
+    on_progress: ProgressCallback | None = None,
+    limits: Limits | None = None,
+) -> Weights:
+    """Load what `make_plan` planned, as `load_weights` would, without planning again (the
+    cache plans first to reserve its memory). The plan is used once: it holds bytes that
+    planning read."""
+    pipeline = _pipeline(
+        plan.model, plan.component, None, dtype, verify, on_progress, limits, planned=plan
+    )
+    return await _weights(pipeline)
+
+
+async def _weights(pipeline: AbstractAsyncContextManager[tuple[Plan, _Groups]]) -> Weights:
+    """Collect a pipeline's groups into `Weights`, in plan order."""
     arrays: dict[str, mx.array] = {}
     info: dict[str, TensorInfo] = {}
     try:
-        async with _pipeline(
-            model, component, store, dtype, verify, on_progress, limits, pull, registry, shard
-        ) as (plan, groups):
+        async with pipeline as (plan, groups):
             await _collect(groups, arrays, info)
     except BaseException as exc:
         # A traceback that outlives the load (asyncio keeps some) must not pin its arrays.
@@ -180,47 +196,87 @@ async def stream_weights(
             tensors.clear()  # a reference kept after the block must not pin the arrays
 
 
-class _Hashing:
-    """Hashes a group's lazily loaded blobs in a thread of its own while MLX reads them.
+async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan:
+    """Plan the load of `component` (None or "" for every tensor) of `model`: read what the
+    planner needs (config hints, every blob's header, in worker threads), then plan.
 
-    hashlib and the file reads release the GIL, as does ``mx.eval``: the two overlap.
+    Raises:
+        ComponentNotFoundError, BlobError and its subclasses, DuplicateTensorError,
+        QuantizationError, BudgetError, UnsupportedModelError.
     """
-
-    def __init__(self, blobs: list[BlobPlan], model: str) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(blobs, model), name="asyncweights-verify", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, blobs: list[BlobPlan], model: str) -> None:
-        try:
-            for blob in blobs:
-                verify_file(blob, model)
-        except BaseException as exc:  # re-raised by check() in the worker
-            self._error = exc
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-
-def _info(tensor: PlannedTensor, array: mx.array) -> TensorInfo:
-    return TensorInfo(
-        name=tensor.name,
-        dtype=array.dtype,
-        shape=tuple(array.shape),
-        nbytes=array.nbytes,
-        digest=tensor.digest,
-        key=tensor.key,
-        source_dtype=tensor.entry.dtype if tensor.source is None else tensor.source.ggml_type,
-        quantization=tensor.quantization,
-        companions=tensor.companions or {},
-        shard=tensor.slice,
+    component = component or None
+    if model.kind == "gguf":
+        return await _plan_gguf(model, component, limits)
+    model.check_loadable()
+    layers = select_layers(model.label, model.tensor_layers, model.components, component)
+    hints = await _model_hints(model)
+    paths = blob_paths(os.fspath(model.store.blobs_dir), model.label, layers)
+    headers, contents = await _read_headers(model.label, layers, paths, limits)
+    # Pure CPU over every tensor (tens of ms for thousands of blobs): off the event loop.
+    files = files_per_group(limits)
+    plan = functools.partial(
+        plan_tensors, model.label, component, layers, headers, contents, paths, hints, limits, files
     )
+    return await anyio.to_thread.run_sync(plan)
+
+
+async def _model_hints(model: Model) -> Hints:
+    """Read what the model says of its quantization: ``model_index.json`` and the config."""
+    index = None
+    if "model_index.json" in model.config_names:
+        index = await model.read_config("model_index.json")
+    config = await model.config()
+    return model_hints(index, config.file_type)
+
+
+async def _read_headers(
+    label: str, layers: list[Layer], paths: dict[str, str], limits: Limits
+) -> tuple[dict[str, BlobHeader], dict[str, bytes | bytearray]]:
+    """Every distinct blob's validated header, read in batches by worker threads; small
+    blobs are read whole, up to a budget."""
+    sizes = {layer.digest: layer.size for layer in layers}
+    names = {layer.digest: layer.name for layer in reversed(layers)}  # the first layer's name
+    digests = list(sizes)
+    headers: dict[str, BlobHeader] = {}
+    contents: dict[str, bytes | bytearray] = {}
+    read = functools.partial(
+        read_heads, label=label, paths=paths, sizes=sizes, names=names,
+        budget=[limits.prefetch_bytes], limits=limits, headers=headers, contents=contents,
+    )  # fmt: skip
+    batches = [
+        digests[i : i + limits.header_batch] for i in range(0, len(digests), limits.header_batch)
+    ]
+    limiter = anyio.CapacityLimiter(limits.header_workers)
+
+    async def run(batch: list[str]) -> None:
+        await anyio.to_thread.run_sync(read, batch, limiter=limiter)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for batch in batches:
+                tg.start_soon(run, batch)
+    except BaseExceptionGroup as group:
+        error = typed_error(group, model=label)
+        if error is None:
+            raise
+        raise error from error.__cause__
+    return headers, contents
+
+
+async def _plan_gguf(model: Model, component: str | None, limits: Limits) -> Plan:
+    """Read the GGUF headers of the layers to load (worker threads), then plan."""
+    chosen = [(c, layer) for c, layer in model.gguf_components if component in (None, c)]
+    if not chosen:
+        available = [c for c, _ in model.gguf_components]
+        raise ComponentNotFoundError(component or "", available, model=model.label)
+    read: list[tuple[str, Layer, str, GGUFFile]] = []
+    for comp, layer in chosen:
+        path = model.store.blob_path(layer.digest)
+        gguf = await anyio.to_thread.run_sync(gguf_header, model.label, comp, layer, path)
+        read.append((comp, layer, os.fspath(path), gguf))
+    files = files_per_group(limits)
+    plan = functools.partial(plan_gguf, model.label, component, read, limits, files)
+    return await anyio.to_thread.run_sync(plan)
 
 
 async def open_model(model: ModelRef, store: StoreRef, limits: Limits | None = None) -> Model:
@@ -244,13 +300,16 @@ async def _pipeline(
     pull: bool = False,
     registry: str | None = None,
     shard: Shard | None = None,
+    planned: Plan | None = None,
 ) -> AsyncIterator[tuple[Plan, _Groups]]:
     limits = limits or Limits()
     started = time.monotonic()
     session: PullSession | None = None
     if shard is not None and pull:
         raise ShardError("a sharded load cannot pull: pull the model first, then load")
-    if pull:
+    if planned is not None:
+        label = planned.model
+    elif pull:
         session = open_session(model_ref, store, registry, limits, verify)
         label = session.label
     else:
@@ -266,13 +325,15 @@ async def _pipeline(
         if shard is not None:
             model = shard.select_layers(model)
     reporter = ProgressReporter(on_progress, limits.progress_interval, label)
-    send, receive = anyio.create_memory_object_stream[_Loaded](limits.buffered_groups)
+    send, receive = anyio.create_memory_object_stream[Loaded](limits.buffered_groups)
     consumer_error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(reporter.run)
             try:
-                if session is None and shard is not None:
+                if planned is not None:
+                    plan = planned
+                elif session is None and shard is not None:
                     # Headers only: no small blob read whole while planning.
                     plan = await make_plan(model, component, replace(limits, prefetch_bytes=0))
                     await anyio.to_thread.run_sync(shard.apply, plan, limits)
@@ -323,7 +384,7 @@ async def _pipeline(
         raise consumer_error
 
 
-def _drain(receive: MemoryObjectReceiveStream[_Loaded]) -> None:
+def _drain(receive: MemoryObjectReceiveStream[Loaded]) -> None:
     """Drop evaluated groups still buffered, then close: the iterator may outlive the load."""
     with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
         while True:
@@ -337,7 +398,7 @@ class _Groups:
     def __init__(
         self,
         plan: Plan,
-        receive: MemoryObjectReceiveStream[_Loaded],
+        receive: MemoryObjectReceiveStream[Loaded],
         reporter: ProgressReporter,
         started: float,
         *,
@@ -375,7 +436,7 @@ class _Groups:
     def __aiter__(self) -> _Groups:
         return self
 
-    async def __anext__(self) -> _Loaded:
+    async def __anext__(self) -> Loaded:
         try:
             loaded = await self._receive.receive()
         except anyio.EndOfStream:
@@ -414,10 +475,10 @@ async def _produce(
     dtype: mx.Dtype | None,
     verify: bool,
     limits: Limits,
-    send: MemoryObjectSendStream[_Loaded],
+    send: MemoryObjectSendStream[Loaded],
 ) -> None:
     indices = iter(range(len(plan.groups)))
-    readers = _reader_threads(limits.reader_nice)
+    readers = reader_threads(limits.reader_nice)
     # Set when the load is cancelled: reads stop at the next chunk (fill path).
     cancel = threading.Event()
 
@@ -426,7 +487,7 @@ async def _produce(
             args = (plan.groups[index], dtype, verify, plan.model, limits, cancel)
             # Results travel in a box we empty ourselves: a traceback or an idle thread
             # that outlives a cancelled load must not pin a group's arrays.
-            box = [readers.submit(_load_group, *args)]
+            box = [readers.submit(load_group, *args)]
             # Worker threads wait on an event, never on the future: a thread abandoned by
             # a cancel must not hold the group's result for a moment after the load ends.
             done = threading.Event()
@@ -460,7 +521,7 @@ async def _produce_pulled(
     dtype: mx.Dtype | None,
     verify: bool,
     limits: Limits,
-    send: MemoryObjectSendStream[_Loaded],
+    send: MemoryObjectSendStream[Loaded],
     plan: Plan,
     groups: _Groups,
 ) -> None:
@@ -533,141 +594,3 @@ def _setter(event: threading.Event) -> Callable[[object], None]:
         event.set()
 
     return set_event
-
-
-_READERS: dict[int | None, ThreadPoolExecutor] = {}
-_READERS_LOCK = threading.Lock()
-
-
-def _reader_threads(nice: int | None) -> ThreadPoolExecutor:
-    """The long-lived threads group calls run in, at a lower priority (nice) if asked.
-
-    Two reasons for threads of our own rather than anyio's pool, which the anyio worker only
-    waits on:
-    * MLX gives every thread that evaluates a stream of its own, with a native thread that
-      lives as long as the process: threads that come and go (anyio retires idle workers
-      after 10 s) would leak one per thread. These threads stay, so streams do not grow.
-    * MLX reads lazily loaded arrays in native threads started from the asking thread, and
-      those inherit its priority: at nice 10 they leave the event-loop thread first in line
-      for the CPU (p99 loop lag 8 → 4 ms measured on 2 cores). An unprivileged thread cannot
-      raise its priority again, hence threads of our own, never anyio's shared ones.
-    They hold no event-loop state, so one set serves every loop and backend in the process.
-    """
-    with _READERS_LOCK:
-        pool = _READERS.get(nice)
-        if pool is None:
-
-            def lower_priority() -> None:
-                if nice is None:
-                    return
-                with contextlib.suppress(OSError, AttributeError):  # not Linux, or refused
-                    tid = threading.get_native_id()
-                    current = os.getpriority(os.PRIO_PROCESS, tid)
-                    os.setpriority(os.PRIO_PROCESS, tid, max(current, nice))
-
-            pool = _READERS[nice] = ThreadPoolExecutor(
-                32, thread_name_prefix="asyncweights-reader", initializer=lower_priority
-            )
-        return pool
-
-
-def _load_group(
-    group: list[BlobPlan],
-    dtype: mx.Dtype | None,
-    verify: bool,
-    model: str,
-    limits: Limits,
-    cancel: threading.Event | None = None,
-) -> _Loaded:
-    """Load and evaluate one group of blobs (runs in a worker thread; blocking)."""
-    loaded: list[tuple[PlannedTensor, mx.array]] = []
-    lazy: list[BlobPlan] = []
-    try:
-        if mlx_fills_through_readinto() and all(
-            blob.gguf is None and not blob.sharded for blob in group
-        ):
-            loaded = fill_group(group, model, verify=verify, limits=limits, cancel=cancel)
-            return _finish_group(loaded, group, dtype, model)
-        return _load_group_into(loaded, lazy, group, dtype, verify, model, limits)
-    except BaseException as exc:
-        # The traceback keeps the frames below alive, and with them lazy arrays that hold
-        # their blob files open: drop them so MLX closes the files now.
-        loaded.clear()
-        traceback.clear_frames(exc.__traceback__)
-        raise
-
-
-def _convert(tensor: PlannedTensor, array: mx.array, dtype: mx.Dtype | None) -> mx.array:
-    if (
-        dtype is not None
-        and not tensor.companion
-        and tensor.quantization is None
-        and array.dtype != dtype
-        and mx.issubdtype(array.dtype, mx.floating)
-    ):
-        return array.astype(dtype)
-    return array
-
-
-def _finish_group(
-    loaded: list[tuple[PlannedTensor, mx.array]],
-    group: list[BlobPlan],
-    dtype: mx.Dtype | None,
-    model: str,
-) -> _Loaded:
-    """Convert a filled group's tensors to `dtype` where asked, evaluated, as `Tensor` s."""
-    if dtype is not None:
-        loaded = [(tensor, _convert(tensor, array, dtype)) for tensor, array in loaded]
-        try:
-            mx.eval([array for _, array in loaded])
-        except RuntimeError as exc:
-            raise mlx_error(exc, group, model) from exc
-    return _Loaded(
-        [Tensor(tensor.name, array, _info(tensor, array)) for tensor, array in loaded],
-        sum(blob.nbytes for blob in group),
-    )
-
-
-def _load_group_into(
-    loaded: list[tuple[PlannedTensor, mx.array]],
-    lazy: list[BlobPlan],
-    group: list[BlobPlan],
-    dtype: mx.Dtype | None,
-    verify: bool,
-    model: str,
-    limits: Limits,
-) -> _Loaded:
-    parts = [blob for blob in group if blob.gguf is not None]
-    converted = iter(read_gguf(parts, model)) if parts else None
-    for blob in group:
-        if blob.sharded:
-            arrays = read_shard(blob, model)
-            if verify:
-                lazy.append(blob)  # hashed whole (every byte of the blob), beside the reads
-        elif blob.gguf is not None:
-            assert converted is not None
-            arrays = next(converted)
-            if verify and blob.hash_whole:
-                lazy.append(blob)  # hashed whole, beside the evaluation
-        elif blob.header.file_size <= limits.direct_read_bytes:
-            arrays = read_direct(blob, model, verify=verify)
-        else:
-            arrays = read_lazy(blob, model)
-            lazy.append(blob)
-        for tensor in blob.tensors:
-            loaded.append((tensor, _convert(tensor, arrays[tensor.key], dtype)))
-        del arrays
-    hashing = _Hashing(lazy, model) if verify and lazy else None
-    try:
-        mx.eval([array for _, array in loaded])
-    except RuntimeError as exc:
-        raise mlx_error(exc, lazy, model) from exc
-    finally:
-        if hashing is not None:
-            hashing.join()
-    if hashing is not None:
-        hashing.check()
-    return _Loaded(
-        [Tensor(tensor.name, array, _info(tensor, array)) for tensor, array in loaded],
-        sum(blob.nbytes for blob in group),
-    )

@@ -1,46 +1,51 @@
 """Which blobs and tensors a load needs, what they are called, and how they are grouped.
 
-Planning reads and validates every header (in parallel worker calls) before any tensor data
-is touched, names each tensor the way Ollama's loaders do (FORMAT.md §3.6, §5.2), resolves
-quantization per tensor (§5.5), and cuts the blobs into groups bounded by bytes and files.
+Pure: layers, validated headers and the model's hints in, a `Plan` out, no I/O (the async
+`_load.make_plan` gathers the inputs). It names each tensor the way Ollama's loaders do,
+resolves quantization per tensor (`_quant.resolve`), checks the budget, and cuts the blobs
+into groups bounded by bytes and open files. See ``docs/format.md`` for the naming rules.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anyio
-import anyio.to_thread
-
 from ._errors import (
-    AsyncWeightsError,
-    BlobMissingError,
     BudgetError,
     ComponentNotFoundError,
     DuplicateTensorError,
     HeaderError,
-    LoadError,
     ManifestError,
     QuantizationError,
     UnsupportedDTypeError,
-    typed_error,
 )
 from ._ggml import DTYPE_BYTES, TARGETS, UNSUPPORTED, outputs
-from ._gguf import GGUFFile, GGUFTensorInfo, read_gguf_header
-from ._header import BlobHeader, TensorEntry, read_blob_head
+from ._gguf import GGUFFile, GGUFTensorInfo
+from ._header import BlobHeader, TensorEntry
 from ._limits import Limits
 from ._manifest import Layer
 from ._names import blob_file_name
 from ._quant import Packed, Quantization, canonical_type, label_bits, resolve
-from ._store import Model
 
 if TYPE_CHECKING:
-    from ._shard import ShardSlice
+    from ._weights import ShardSlice
 
-__all__ = ["BlobPlan", "Plan", "PlannedTensor", "make_plan"]
+__all__ = [
+    "BlobPlan",
+    "Hints",
+    "Plan",
+    "PlannedTensor",
+    "blob_paths",
+    "group_blobs",
+    "plan_gguf",
+    "plan_tensors",
+    "select_layers",
+]
+
+#: The model-level quantization label and explicit group size (`_quant.model_hints`).
+Hints = tuple[str | None, int | None]
 
 _COMPANIONS = ("_scale", "_qbias")
 
@@ -105,122 +110,74 @@ class Plan:
         return sum(len(b.tensors) for b in self.blobs)
 
 
-async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan:
-    """Plan the load of `component` (None or "" for every tensor) of `model`.
+def select_layers(
+    label: str, layers: list[Layer], components: list[str], component: str | None
+) -> list[Layer]:
+    """The tensor layers of `component` (every one for None), in manifest order.
 
     Raises:
-        ComponentNotFoundError, BlobError and its subclasses, DuplicateTensorError,
-        QuantizationError, BudgetError.
+        ComponentNotFoundError: no layer of that component, or no tensor layer at all.
     """
-    component = component or None
-    if model.kind == "gguf":
-        return await _plan_gguf(model, component, limits)
-    model.check_loadable()
-    layers = model.tensor_layers
     if component is not None:
         prefix = component + "/"
         layers = [layer for layer in layers if layer.name and layer.name.startswith(prefix)]
         if not layers:
-            raise ComponentNotFoundError(component, model.components, model=model.label)
+            raise ComponentNotFoundError(component, components, model=label)
     elif not layers:
-        raise ComponentNotFoundError("", [], model=model.label)
-    hint_label, hint_group = await _model_hints(model)
-    paths = _blob_paths(model, layers)
-    headers, contents = await _read_headers(model, layers, paths, limits)
-
-    def finish() -> Plan:
-        # Pure CPU over every tensor (tens of ms for thousands of blobs): off the event loop.
-        blobs = _name_tensors(model.label, component, layers, headers, paths)
-        for blob in blobs:
-            blob.data = contents.get(blob.digest)
-        quantization = _resolve_quantization(model.label, blobs, hint_label, hint_group)
-        plan = Plan(model.label, component, blobs, quantization, [])
-        if limits.max_bytes is not None and plan.total_bytes > limits.max_bytes:
-            raise BudgetError(
-                f"load needs {plan.total_bytes} bytes, over the budget of {limits.max_bytes}",
-                model=model.label,
-            )
-        plan.groups = _group(blobs, limits)
-        return plan
-
-    return await anyio.to_thread.run_sync(finish)
+        raise ComponentNotFoundError("", [], model=label)
+    return layers
 
 
-def _blob_paths(model: Model, layers: list[Layer]) -> dict[str, str]:
+def blob_paths(blobs_dir: str, label: str, layers: list[Layer]) -> dict[str, str]:
+    """Each distinct blob's path under `blobs_dir`, by digest."""
     # Plain strings: pathlib costs ~10 us a path, which adds up over thousands of blobs.
-    prefix = os.path.join(os.fspath(model.store.blobs_dir), "")
+    prefix = os.path.join(blobs_dir, "")
     paths: dict[str, str] = {}
     for layer in layers:
         if layer.digest not in paths:
             try:
                 paths[layer.digest] = prefix + blob_file_name(layer.digest)
             except ValueError as exc:  # only a Layer changed after it was made can get here
-                raise ManifestError(str(exc), model=model.label, tensor=layer.name) from None
+                raise ManifestError(str(exc), model=label, tensor=layer.name) from None
     return paths
 
 
-async def _read_headers(
-    model: Model, layers: list[Layer], paths: dict[str, str], limits: Limits
-) -> tuple[dict[str, BlobHeader], dict[str, bytes | bytearray]]:
-    """Every distinct blob's validated header; small blobs are read whole, up to a budget."""
-    sizes = {layer.digest: layer.size for layer in layers}
-    names = {layer.digest: layer.name for layer in reversed(layers)}  # the first layer's name
-    digests = list(sizes)
-    headers: dict[str, BlobHeader] = {}
-    contents: dict[str, bytes | bytearray] = {}
-    budget = [limits.prefetch_bytes]  # shared by the batches; a rough bound is enough
-    batches = [
-        digests[i : i + limits.header_batch] for i in range(0, len(digests), limits.header_batch)
-    ]
-    limiter = anyio.CapacityLimiter(limits.header_workers)
+def plan_tensors(
+    label: str,
+    component: str | None,
+    layers: list[Layer],
+    headers: dict[str, BlobHeader],
+    contents: dict[str, bytes | bytearray],
+    paths: dict[str, str],
+    hints: Hints,
+    limits: Limits,
+    files: int,
+) -> Plan:
+    """Plan a safetensors load from its layers, their validated headers and the model's hints.
 
-    def read_batch(batch: list[str]) -> None:
-        for digest in batch:
-            path = paths[digest]
-            try:
-                whole = limits.direct_read_bytes if budget[0] >= sizes[digest] else 0
-                try:
-                    headers[digest], data = read_blob_head(
-                        path, expected_size=sizes[digest], whole_upto=whole, limits=limits
-                    )
-                except BlobMissingError:
-                    # Ollama before 0.1.30 named blobs sha256:<hex>; read them where they are.
-                    old = path[: -len(digest)] + "sha256:" + digest[7:]
-                    if not os.path.exists(old):
-                        raise
-                    path = paths[digest] = old
-                    headers[digest], data = read_blob_head(
-                        path, expected_size=sizes[digest], whole_upto=whole, limits=limits
-                    )
-                if data is not None:
-                    contents[digest] = data
-                    budget[0] -= len(data)
-            except AsyncWeightsError as exc:
-                exc.add_context(model=model.label, digest=digest, path=path, tensor=names[digest])
-                raise
-            except OSError as exc:
-                raise LoadError(
-                    f"cannot read blob header: {exc.strerror}",
-                    model=model.label,
-                    tensor=names[digest],
-                    digest=digest,
-                    path=path,
-                    errno=exc.errno,
-                ) from exc
+    Args:
+        contents: whole small blobs read while gathering headers, kept for the load.
+        files: blob files one group may hold open (`_read.files_per_group`).
 
-    async def run(batch: list[str]) -> None:
-        await anyio.to_thread.run_sync(read_batch, batch, limiter=limiter)
+    Raises:
+        HeaderError, DuplicateTensorError, QuantizationError, BudgetError.
+    """
+    blobs = _name_tensors(label, component, layers, headers, paths)
+    for blob in blobs:
+        blob.data = contents.get(blob.digest)
+    quantization = _resolve_quantization(label, blobs, *hints)
+    plan = Plan(label, component, blobs, quantization, [])
+    _check_budget(plan, limits)
+    plan.groups = group_blobs(blobs, limits, files)
+    return plan
 
-    try:
-        async with anyio.create_task_group() as tg:
-            for batch in batches:
-                tg.start_soon(run, batch)
-    except BaseExceptionGroup as group:
-        error = typed_error(group, model=model.label)
-        if error is None:
-            raise
-        raise error from error.__cause__
-    return headers, contents
+
+def _check_budget(plan: Plan, limits: Limits) -> None:
+    if limits.max_bytes is not None and plan.total_bytes > limits.max_bytes:
+        raise BudgetError(
+            f"load needs {plan.total_bytes} bytes, over the budget of {limits.max_bytes}",
+            model=plan.model,
+        )
 
 
 def _name_tensors(
@@ -322,25 +279,6 @@ def _namespaced(name: str, comp: str | None) -> str:
     return f"{comp}/{name}"
 
 
-async def _model_hints(model: Model) -> tuple[str | None, int | None]:
-    """The model-level label and explicit group size (FORMAT.md §5.5 step 2, §5.7)."""
-    label: str | None = None
-    group: int | None = None
-    if "model_index.json" in model.config_names:
-        index = await model.read_config("model_index.json")
-        if isinstance(index, dict):
-            value = index.get("quantization")
-            if isinstance(value, str) and canonical_type(value):
-                label = value
-            size = index.get("group_size")
-            if type(size) is int and size > 0:
-                group = size
-    config = await model.config()
-    if canonical_type(config.file_type):
-        label = config.file_type  # HEAD's canonical classification wins
-    return label, group
-
-
 def _resolve_quantization(
     label: str, blobs: list[BlobPlan], hint_label: str | None, hint_group: int | None
 ) -> Quantization | None:
@@ -420,13 +358,12 @@ def _model_level(
     return Quantization.of(qtype, group)
 
 
-def _group(blobs: list[BlobPlan], limits: Limits) -> list[list[BlobPlan]]:
+def group_blobs(blobs: list[BlobPlan], limits: Limits, files: int) -> list[list[BlobPlan]]:
     """Cut the blobs, in order, into groups of at most `group_bytes` and `files` open files.
 
     The first groups are smaller (1/32 of `group_bytes`, doubling): the first tensors reach
     a streaming consumer after a few milliseconds instead of a whole group's read.
     """
-    files = _files_per_group(limits)
     groups: list[list[BlobPlan]] = []
     current: list[BlobPlan] = []
     size = 0
@@ -447,85 +384,53 @@ def _group(blobs: list[BlobPlan], limits: Limits) -> list[list[BlobPlan]]:
     return groups
 
 
-def _files_per_group(limits: Limits) -> int:
-    """Blob files one group may hold open: the cap shared by the workers, within RLIMIT_NOFILE."""
-    cap = limits.max_open_files
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY:
-        try:
-            in_use = len(os.listdir("/proc/self/fd"))
-        except OSError:
-            in_use = 16
-        cap = min(cap, max(limits.workers, (soft - in_use) // 2))
-    return max(1, cap // limits.workers)
-
-
 # ------------------------------------------------------------------------------------- GGUF
 
 
-async def _plan_gguf(model: Model, component: str | None, limits: Limits) -> Plan:
+def plan_gguf(
+    label: str,
+    component: str | None,
+    chosen: list[tuple[str, Layer, str, GGUFFile]],
+    limits: Limits,
+    files: int,
+) -> Plan:
     """Plan a GGUF model: each tensor (with its companions) is a part of its blob.
 
-    `component` None loads every GGUF layer: the main weights under their GGUF names, the
-    others (``projector``) prefixed with ``<component>/``.
+    Args:
+        chosen: ``(component, layer, path, GGUF header)`` of each GGUF layer to load.
+            `component` None loads every one: the main weights under their GGUF names,
+            the others (``projector``) prefixed with ``<component>/``.
+
+    Raises:
+        UnsupportedDTypeError, DuplicateTensorError, BudgetError.
     """
-    chosen = [(c, layer) for c, layer in model.gguf_components if component in (None, c)]
-    if not chosen:
-        available = [c for c, _ in model.gguf_components]
-        raise ComponentNotFoundError(component or "", available, model=model.label)
-    files: list[GGUFFile] = []
-    for comp, layer in chosen:
-        files.append(await anyio.to_thread.run_sync(_gguf_header, model, comp, layer))
-
-    def finish() -> Plan:
-        blobs: list[BlobPlan] = []
-        owner: dict[str, str] = {}
-        weighed: dict[Quantization, int] = {}
-        for (comp, layer), gguf in zip(chosen, files, strict=True):
-            path = model.store.blob_path(layer.digest)
-            prefix = "" if component is not None or comp == "model" else comp + "/"
-            header = BlobHeader(gguf.file_size, gguf.data_start, {})
-            first = True
-            for info in gguf.tensors.values():
-                part = _gguf_part(model.label, layer, os.fspath(path), header, gguf, info, prefix)
-                part.hash_whole = first
-                first = False
-                for t in part.tensors:
-                    if t.name in owner:
-                        raise DuplicateTensorError(
-                            f"tensor name also used by tensor {owner[t.name]!r}",
-                            model=model.label, tensor=t.name, digest=layer.digest, path=path,
-                        )  # fmt: skip
-                    owner[t.name] = info.name
-                    if t.quantization is not None:
-                        weighed[t.quantization] = weighed.get(t.quantization, 0) + info.nbytes
-                blobs.append(part)
-        quantization = max(weighed, key=lambda q: weighed[q]) if weighed else None
-        metadata = files[0].metadata if files else None
-        plan = Plan(model.label, component, blobs, quantization, [], metadata)
-        if limits.max_bytes is not None and plan.total_bytes > limits.max_bytes:
-            raise BudgetError(
-                f"load needs {plan.total_bytes} bytes, over the budget of {limits.max_bytes}",
-                model=model.label,
-            )
-        plan.groups = _group(blobs, limits)
-        return plan
-
-    return await anyio.to_thread.run_sync(finish)
-
-
-def _gguf_header(model: Model, component: str, layer: Layer) -> GGUFFile:
-    path = model.store.blob_path(layer.digest)
-    try:
-        return read_gguf_header(path, expected_size=layer.size)
-    except AsyncWeightsError as exc:
-        exc.add_context(model=model.label, digest=layer.digest, path=path)
-        raise
-    except OSError as exc:
-        raise LoadError(
-            f"cannot read GGUF header of component {component!r}: {exc.strerror}",
-            model=model.label, digest=layer.digest, path=path, errno=exc.errno,
-        ) from exc  # fmt: skip
+    blobs: list[BlobPlan] = []
+    owner: dict[str, str] = {}
+    weighed: dict[Quantization, int] = {}
+    for comp, layer, path, gguf in chosen:
+        prefix = "" if component is not None or comp == "model" else comp + "/"
+        header = BlobHeader(gguf.file_size, gguf.data_start, {})
+        first = True
+        for info in gguf.tensors.values():
+            part = _gguf_part(label, layer, path, header, gguf, info, prefix)
+            part.hash_whole = first
+            first = False
+            for t in part.tensors:
+                if t.name in owner:
+                    raise DuplicateTensorError(
+                        f"tensor name also used by tensor {owner[t.name]!r}",
+                        model=label, tensor=t.name, digest=layer.digest, path=path,
+                    )  # fmt: skip
+                owner[t.name] = info.name
+                if t.quantization is not None:
+                    weighed[t.quantization] = weighed.get(t.quantization, 0) + info.nbytes
+            blobs.append(part)
+    quantization = max(weighed, key=lambda q: weighed[q]) if weighed else None
+    metadata = chosen[0][3].metadata if chosen else None
+    plan = Plan(label, component, blobs, quantization, [], metadata)
+    _check_budget(plan, limits)
+    plan.groups = group_blobs(blobs, limits, files)
+    return plan
 
 
 def _gguf_part(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import mlx.core as mx
 
@@ -22,6 +22,7 @@ __all__ = [
     "QuantSpec",
     "Quantization",
     "canonical_type",
+    "model_hints",
     "quant_params",
     "quantize_array",
     "resolve",
@@ -119,6 +120,24 @@ def should_quantize(name: str, dtype: str, shape: Sequence[int], group_size: int
     if not name.endswith(".weight") or dtype not in FLOAT_DTYPES or len(shape) < 2:
         return False
     return shape[-1] % group_size == 0
+
+
+def model_hints(index: Any, file_type: str) -> tuple[str | None, int | None]:
+    """The model-level quantization label and explicit group size, from the decoded
+    ``model_index.json`` (or None) and the config blob's ``file_type``: the config's
+    canonical label wins, as in Ollama's HEAD (see ``docs/format.md``)."""
+    label: str | None = None
+    group: int | None = None
+    if isinstance(index, dict):
+        value = index.get("quantization")
+        if isinstance(value, str) and canonical_type(value):
+            label = value
+        size = index.get("group_size")
+        if type(size) is int and size > 0:
+            group = size
+    if canonical_type(file_type):
+        label = file_type
+    return label, group
 
 
 def canonical_type(label: str | None) -> str | None:

@@ -1,4 +1,10 @@
-"""Getting a blob's tensor bytes into MLX arrays, blocking (worker threads).
+"""Everything of a load that blocks, run in worker threads; nothing here awaits.
+
+Planning reads (`read_heads`, `gguf_header`), loading and evaluating one group of blobs
+(`load_group`, in the long-lived `reader_threads`), and hashing blobs beside the
+evaluation (`Hashing`). The async side, `_load`, only schedules these calls.
+
+Getting a blob's tensor bytes into MLX arrays:
 
 `fill_group` is the read path for safetensors blobs: each blob of a group is opened once,
 proven to be the file whose header planning validated, and its tensors' byte ranges are
@@ -15,10 +21,16 @@ through ``readinto``, the two older paths below take over:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import resource
 import threading
+import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -26,17 +38,28 @@ import mlx.core as mx
 from ._errors import (
     AsyncWeightsError,
     BlobError,
+    BlobMissingError,
     BudgetError,
     DigestMismatchError,
     LoadError,
 )
 from ._files import StoreFile, _read_error, open_file
 from ._ggml import TARGETS, convert_blocks, read_raw
-from ._gguf import GGUFFile
-from ._header import DTYPES
+from ._gguf import GGUFFile, read_gguf_header
+from ._header import DTYPES, BlobHeader, read_blob_head
 from ._limits import Limits
+from ._manifest import Layer
 from ._plan import BlobPlan, PlannedTensor
-from ._vfile import ArrayRequest, Digest, FillError, Span, fill_arrays, reader_pool
+from ._vfile import (
+    ArrayRequest,
+    Digest,
+    FillError,
+    Span,
+    fill_arrays,
+    mlx_fills_through_readinto,
+    reader_pool,
+)
+from ._weights import Tensor, TensorInfo
 
 __all__ = [
     "fill_group",
@@ -464,3 +487,277 @@ def _open_gguf(part: BlobPlan, gguf: GGUFFile, model: str) -> StoreFile:
             "blob changed while loading", model=model, digest=part.digest, path=part.path
         )
     return f
+
+
+# --------------------------------------------------------------------------- planning reads
+
+
+def read_heads(
+    batch: list[str],
+    *,
+    label: str,
+    paths: dict[str, str],
+    sizes: dict[str, int],
+    names: dict[str, str | None],
+    budget: list[int],
+    limits: Limits,
+    headers: dict[str, BlobHeader],
+    contents: dict[str, bytes | bytearray],
+) -> None:
+    """Read and validate the headers of a batch of blobs into `headers` (blocking).
+
+    A blob of at most ``limits.direct_read_bytes`` is read whole, into `contents`, while
+    `budget` (shared by the batches of one plan; a rough bound is enough) allows.
+    """
+    for digest in batch:
+        path = paths[digest]
+        try:
+            whole = limits.direct_read_bytes if budget[0] >= sizes[digest] else 0
+            try:
+                headers[digest], data = read_blob_head(
+                    path, expected_size=sizes[digest], whole_upto=whole, limits=limits
+                )
+            except BlobMissingError:
+                # Ollama before 0.1.30 named blobs sha256:<hex>; read them where they are.
+                old = path[: -len(digest)] + "sha256:" + digest[7:]
+                if not os.path.exists(old):
+                    raise
+                path = paths[digest] = old
+                headers[digest], data = read_blob_head(
+                    path, expected_size=sizes[digest], whole_upto=whole, limits=limits
+                )
+            if data is not None:
+                contents[digest] = data
+                budget[0] -= len(data)
+        except AsyncWeightsError as exc:
+            exc.add_context(model=label, digest=digest, path=path, tensor=names[digest])
+            raise
+        except OSError as exc:
+            raise LoadError(
+                f"cannot read blob header: {exc.strerror}",
+                model=label,
+                tensor=names[digest],
+                digest=digest,
+                path=path,
+                errno=exc.errno,
+            ) from exc
+
+
+def gguf_header(label: str, component: str, layer: Layer, path: Path) -> GGUFFile:
+    """Read and check the header of a GGUF layer's blob (blocking)."""
+    try:
+        return read_gguf_header(path, expected_size=layer.size)
+    except AsyncWeightsError as exc:
+        exc.add_context(model=label, digest=layer.digest, path=path)
+        raise
+    except OSError as exc:
+        raise LoadError(
+            f"cannot read GGUF header of component {component!r}: {exc.strerror}",
+            model=label, digest=layer.digest, path=path, errno=exc.errno,
+        ) from exc  # fmt: skip
+
+
+def files_per_group(limits: Limits) -> int:
+    """Blob files one group may hold open: the cap shared by the workers, within RLIMIT_NOFILE."""
+    cap = limits.max_open_files
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            in_use = 16
+        cap = min(cap, max(limits.workers, (soft - in_use) // 2))
+    return max(1, cap // limits.workers)
+
+
+# ----------------------------------------------------------------------------- group loads
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """One evaluated group, ready for the consumer: built in the worker, so the event loop
+    only files references away."""
+
+    tensors: list[Tensor]
+    nbytes: int
+
+
+class Hashing:
+    """Hashes a group's lazily loaded blobs in a thread of its own while MLX reads them.
+
+    hashlib and the file reads release the GIL, as does ``mx.eval``: the two overlap.
+    """
+
+    def __init__(self, blobs: list[BlobPlan], model: str) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(blobs, model), name="asyncweights-verify", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, blobs: list[BlobPlan], model: str) -> None:
+        try:
+            for blob in blobs:
+                verify_file(blob, model)
+        except BaseException as exc:  # re-raised by check() in the worker
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _info(tensor: PlannedTensor, array: mx.array) -> TensorInfo:
+    return TensorInfo(
+        name=tensor.name,
+        dtype=array.dtype,
+        shape=tuple(array.shape),
+        nbytes=array.nbytes,
+        digest=tensor.digest,
+        key=tensor.key,
+        source_dtype=tensor.entry.dtype if tensor.source is None else tensor.source.ggml_type,
+        quantization=tensor.quantization,
+        companions=tensor.companions or {},
+        shard=tensor.slice,
+    )
+
+
+_READERS: dict[int | None, ThreadPoolExecutor] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def reader_threads(nice: int | None) -> ThreadPoolExecutor:
+    """The long-lived threads group calls run in, at a lower priority (nice) if asked.
+
+    Two reasons for threads of our own rather than anyio's pool, which the anyio worker only
+    waits on:
+    * MLX gives every thread that evaluates a stream of its own, with a native thread that
+      lives as long as the process: threads that come and go (anyio retires idle workers
+      after 10 s) would leak one per thread. These threads stay, so streams do not grow.
+    * MLX reads lazily loaded arrays in native threads started from the asking thread, and
+      those inherit its priority: at nice 10 they leave the event-loop thread first in line
+      for the CPU (p99 loop lag 8 → 4 ms measured on 2 cores). An unprivileged thread cannot
+      raise its priority again, hence threads of our own, never anyio's shared ones.
+    They hold no event-loop state, so one set serves every loop and backend in the process.
+    """
+    with _READERS_LOCK:
+        pool = _READERS.get(nice)
+        if pool is None:
+
+            def lower_priority() -> None:
+                if nice is None:
+                    return
+                with contextlib.suppress(OSError, AttributeError):  # not Linux, or refused
+                    tid = threading.get_native_id()
+                    current = os.getpriority(os.PRIO_PROCESS, tid)
+                    os.setpriority(os.PRIO_PROCESS, tid, max(current, nice))
+
+            pool = _READERS[nice] = ThreadPoolExecutor(
+                32, thread_name_prefix="asyncweights-reader", initializer=lower_priority
+            )
+        return pool
+
+
+def load_group(
+    group: list[BlobPlan],
+    dtype: mx.Dtype | None,
+    verify: bool,
+    model: str,
+    limits: Limits,
+    cancel: threading.Event | None = None,
+) -> Loaded:
+    """Load and evaluate one group of blobs (runs in a worker thread; blocking)."""
+    loaded: list[tuple[PlannedTensor, mx.array]] = []
+    lazy: list[BlobPlan] = []
+    try:
+        if mlx_fills_through_readinto() and all(
+            blob.gguf is None and not blob.sharded for blob in group
+        ):
+            loaded = fill_group(group, model, verify=verify, limits=limits, cancel=cancel)
+            return _finish_group(loaded, group, dtype, model)
+        return _load_group_into(loaded, lazy, group, dtype, verify, model, limits)
+    except BaseException as exc:
+        # The traceback keeps the frames below alive, and with them lazy arrays that hold
+        # their blob files open: drop them so MLX closes the files now.
+        loaded.clear()
+        traceback.clear_frames(exc.__traceback__)
+        raise
+
+
+def _convert(tensor: PlannedTensor, array: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    if (
+        dtype is not None
+        and not tensor.companion
+        and tensor.quantization is None
+        and array.dtype != dtype
+        and mx.issubdtype(array.dtype, mx.floating)
+    ):
+        return array.astype(dtype)
+    return array
+
+
+def _finish_group(
+    loaded: list[tuple[PlannedTensor, mx.array]],
+    group: list[BlobPlan],
+    dtype: mx.Dtype | None,
+    model: str,
+) -> Loaded:
+    """Convert a filled group's tensors to `dtype` where asked, evaluated, as `Tensor` s."""
+    if dtype is not None:
+        loaded = [(tensor, _convert(tensor, array, dtype)) for tensor, array in loaded]
+        try:
+            mx.eval([array for _, array in loaded])
+        except RuntimeError as exc:
+            raise mlx_error(exc, group, model) from exc
+    return Loaded(
+        [Tensor(tensor.name, array, _info(tensor, array)) for tensor, array in loaded],
+        sum(blob.nbytes for blob in group),
+    )
+
+
+def _load_group_into(
+    loaded: list[tuple[PlannedTensor, mx.array]],
+    lazy: list[BlobPlan],
+    group: list[BlobPlan],
+    dtype: mx.Dtype | None,
+    verify: bool,
+    model: str,
+    limits: Limits,
+) -> Loaded:
+    parts = [blob for blob in group if blob.gguf is not None]
+    converted = iter(read_gguf(parts, model)) if parts else None
+    for blob in group:
+        if blob.sharded:
+            arrays = read_shard(blob, model)
+            if verify:
+                lazy.append(blob)  # hashed whole (every byte of the blob), beside the reads
+        elif blob.gguf is not None:
+            assert converted is not None
+            arrays = next(converted)
+            if verify and blob.hash_whole:
+                lazy.append(blob)  # hashed whole, beside the evaluation
+        elif blob.header.file_size <= limits.direct_read_bytes:
+            arrays = read_direct(blob, model, verify=verify)
+        else:
+            arrays = read_lazy(blob, model)
+            lazy.append(blob)
+        for tensor in blob.tensors:
+            loaded.append((tensor, _convert(tensor, arrays[tensor.key], dtype)))
+        del arrays
+    hashing = Hashing(lazy, model) if verify and lazy else None
+    try:
+        mx.eval([array for _, array in loaded])
+    except RuntimeError as exc:
+        raise mlx_error(exc, lazy, model) from exc
+    finally:
+        if hashing is not None:
+            hashing.join()
+    if hashing is not None:
+        hashing.check()
+    return Loaded(
+        [Tensor(tensor.name, array, _info(tensor, array)) for tensor, array in loaded],
+        sum(blob.nbytes for blob in group),
+    )

@@ -47,6 +47,7 @@ from ._errors import (
     RegistryNotFoundError,
     RegistryServerError,
 )
+from ._version import __version__
 
 __all__ = [
     "LIST_MEDIA_TYPES",
@@ -83,8 +84,6 @@ _json_decoder = msgspec.json.Decoder()
 
 
 def _user_agent() -> str:
-    from . import __version__
-
     return f"asyncweights/{__version__} ({platform.machine()} {sys.platform})"
 
 

@@ -31,11 +31,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 import msgspec
 
 from ._errors import AsyncWeightsError, ShardError
+from ._header import DTYPES
+from ._limits import Limits
+from ._plan import Plan, group_blobs
+from ._read import files_per_group
+from ._store import Model
+from ._weights import ShardSlice
 
 if TYPE_CHECKING:
-    from ._limits import Limits
-    from ._plan import Plan
-    from ._store import Model
     from ._weights import Weights
 
 __all__ = ["DEFAULT_RULES", "Shard", "ShardSlice", "Sharding", "check_shards"]
@@ -63,49 +66,6 @@ DEFAULT_RULES: tuple[tuple[str, Rule], ...] = (
 
 _LAYER = re.compile(r"(?:^|[./])(?:layers|blocks|h)\.(\d+)(?=[./]|$)")
 _KINDS = ("all-to-sharded", "sharded-to-all", "replicate")
-
-
-class ShardSlice(msgspec.Struct, frozen=True):
-    """The part of one tensor a rank holds.
-
-    Attributes:
-        full_shape: the tensor's shape in the blob.
-        axis: the axis it is split on (non-negative).
-        ranges: ``(start, stop)`` index ranges along `axis`, concatenated in this order (one
-            per segment of a fused tensor).
-    """
-
-    full_shape: tuple[int, ...]
-    axis: int
-    ranges: tuple[tuple[int, int], ...]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The shape the rank holds."""
-        held = sum(hi - lo for lo, hi in self.ranges)
-        return (*self.full_shape[: self.axis], held, *self.full_shape[self.axis + 1 :])
-
-    def spans(self, itemsize: int) -> list[tuple[int, int]]:
-        """``(offset, length)`` byte ranges from the tensor's first byte, in array order.
-
-        Adjacent ranges are merged: a row split of a matrix is one span per segment.
-        """
-        outer = 1
-        for d in self.full_shape[: self.axis]:
-            outer *= d
-        inner = itemsize
-        for d in self.full_shape[self.axis + 1 :]:
-            inner *= d
-        size = self.full_shape[self.axis]
-        out: list[tuple[int, int]] = []
-        for o in range(outer):
-            for lo, hi in self.ranges:
-                offset, length = (o * size + lo) * inner, (hi - lo) * inner
-                if out and out[-1][0] + out[-1][1] == offset:
-                    out[-1] = (out[-1][0], out[-1][1] + length)
-                elif length:
-                    out.append((offset, length))
-        return out
 
 
 class Shard:
@@ -266,15 +226,13 @@ class Shard:
         """`model` with only the manifest layers of this stage (the others never opened)."""
         if self.layers is None:
             return model
-        from ._store import Model as ModelType
-
         kept = [
             layer
             for layer in model.manifest.layers
             if not layer.is_tensor or not layer.name or self.keeps(layer.name)
         ]
         manifest = msgspec.structs.replace(model.manifest, layers=kept)
-        return ModelType(model.store, manifest, label=model.label, path=None, digest=model.digest)
+        return Model(model.store, manifest, label=model.label, path=None, digest=model.digest)
 
     def apply(self, plan: Plan, limits: Limits) -> None:
         """Cut `plan` to this rank: drop other stages' tensors, give each split tensor its
@@ -284,9 +242,6 @@ class Shard:
             ShardError: a GGUF model, a split that does not divide, or a column split of a
                 quantized weight that cuts a quantization group (before any tensor is read).
         """
-        from ._header import DTYPES
-        from ._plan import _group
-
         owners: dict[str, str] = {}
         for blob in plan.blobs:
             if blob.gguf is not None:
@@ -319,7 +274,7 @@ class Shard:
             blob.nbytes = nbytes
             blobs.append(blob)
         plan.blobs = blobs
-        plan.groups = _group(blobs, limits)
+        plan.groups = group_blobs(blobs, limits, files_per_group(limits))
 
 
 def _segments(size: int, segments: Segments, name: str) -> list[tuple[int, int]]:

@@ -6,13 +6,57 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 if TYPE_CHECKING:
     import mlx.core as mx
 
     from ._quant import Quantization
-    from ._shard import ShardSlice
 
-__all__ = ["Tensor", "TensorInfo", "Weights"]
+__all__ = ["ShardSlice", "Tensor", "TensorInfo", "Weights"]
+
+
+class ShardSlice(msgspec.Struct, frozen=True):
+    """The part of one tensor a rank holds.
+
+    Attributes:
+        full_shape: the tensor's shape in the blob.
+        axis: the axis it is split on (non-negative).
+        ranges: ``(start, stop)`` index ranges along `axis`, concatenated in this order (one
+            per segment of a fused tensor).
+    """
+
+    full_shape: tuple[int, ...]
+    axis: int
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape the rank holds."""
+        held = sum(hi - lo for lo, hi in self.ranges)
+        return (*self.full_shape[: self.axis], held, *self.full_shape[self.axis + 1 :])
+
+    def spans(self, itemsize: int) -> list[tuple[int, int]]:
+        """``(offset, length)`` byte ranges from the tensor's first byte, in array order.
+
+        Adjacent ranges are merged: a row split of a matrix is one span per segment.
+        """
+        outer = 1
+        for d in self.full_shape[: self.axis]:
+            outer *= d
+        inner = itemsize
+        for d in self.full_shape[self.axis + 1 :]:
+            inner *= d
+        size = self.full_shape[self.axis]
+        out: list[tuple[int, int]] = []
+        for o in range(outer):
+            for lo, hi in self.ranges:
+                offset, length = (o * size + lo) * inner, (hi - lo) * inner
+                if out and out[-1][0] + out[-1][1] == offset:
+                    out[-1] = (out[-1][0], out[-1][1] + length)
+                elif length:
+                    out.append((offset, length))
+        return out
 
 
 @dataclass(frozen=True, slots=True)
