@@ -97,3 +97,23 @@ def test_no_import_cycle() -> None:
 def test_the_cycle_finder_finds_one() -> None:
     edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(edges) == [["a", "b", "c"]]
+
+
+def test_readme_layout_lists_modules_bottom_up() -> None:
+    # The README's module map promises that each module imports only modules listed above it.
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    start = readme.index("Inside `src/asyncweights/`")
+    first = readme.index("```\n", start) + 4
+    block = readme[first : readme.index("\n```", first)]
+    order: list[str] = []
+    for line in block.splitlines():
+        names = line.split("   ", 1)[0]
+        order += [f"asyncweights.{n.strip()}" for n in names.split(",")]
+    listed = set(order)
+    modules = {m for m in graph() if m not in ("asyncweights", "asyncweights.__main__")}
+    assert modules == listed
+    position = {m: i for i, m in enumerate(order)}
+    for module, deps in graph().items():
+        for dep in deps & listed:
+            if module in position:
+                assert position[dep] < position[module], f"{module} imports {dep}"
