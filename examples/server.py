@@ -42,7 +42,7 @@ import re
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import uvicorn
@@ -52,9 +52,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import asyncweights as aw
-
-if TYPE_CHECKING:
-    from asyncweights._cache import CacheEntry
 
 STORE_ENV = "ASYNCWEIGHTS_STORE"
 #: the largest request body accepted (413 above): a request is a few hundred bytes
@@ -289,7 +286,7 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _entry(entry: CacheEntry) -> dict[str, Any]:
+def _entry(entry: aw.CacheEntry) -> dict[str, Any]:
     progress = entry.progress
     return {
         "model": entry.model,

@@ -6,6 +6,9 @@ weights = await aw.load_weights("z-image", "transformer")
 
 from __future__ import annotations
 
+from ._cache import CacheEntry as CacheEntry
+from ._cache import CacheKey as CacheKey
+from ._cache import CacheStats as CacheStats
 from ._cache import WeightCache as WeightCache
 from ._errors import AsyncWeightsError as AsyncWeightsError
 from ._errors import BlobError as BlobError
@@ -46,6 +49,7 @@ from ._manifest import ManifestRef as ManifestRef
 from ._manifest import ModelConfig as ModelConfig
 from ._names import ModelName as ModelName
 from ._progress import Progress as Progress
+from ._progress import ProgressCallback as ProgressCallback
 from ._pull import pull as pull
 from ._quant import Quantization as Quantization
 from ._remove import Removal as Removal
@@ -65,6 +69,9 @@ __all__ = [
     "BlobError",
     "BlobMissingError",
     "BudgetError",
+    "CacheEntry",
+    "CacheKey",
+    "CacheStats",
     "ComponentNotFoundError",
     "ConfigNotFoundError",
     "DigestMismatchError",
@@ -88,6 +95,7 @@ __all__ = [
     "ModelStore",
     "PreconditionFailedError",
     "Progress",
+    "ProgressCallback",
     "Quantization",
     "QuantizationError",
     "RegistryAuthError",

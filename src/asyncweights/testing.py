@@ -661,3 +661,11 @@ def _ollama_model_index(index: Mapping[str, Any], count: int, label: str) -> byt
     out["parameter_count"] = count
     out["quantization"] = label
     return encode_json(out, indent=4)
+
+
+# Helpers re-exported from private modules are documented as this module's.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("asyncweights._"):
+        _obj.__module__ = __name__
+del _name, _obj
