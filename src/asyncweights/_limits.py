@@ -1,4 +1,8 @@
-"""Every tuning knob of a load, in one frozen object."""
+"""The knobs a user reasons about, in one frozen object.
+
+Tuning constants no user needs to set (how planning batches its header reads, for one)
+live in the modules that use them, beside the measurement that chose them.
+"""
 
 from __future__ import annotations
 
@@ -27,10 +31,6 @@ class Limits:
             3 gave the same harness throughput as 2 with worse loop lag (p99 7.8 vs 4.4 ms).
         buffered_groups: evaluated groups waiting for a slow consumer of `stream_weights`;
             memory in flight is at most ``(workers + buffered_groups) * group_bytes``.
-        header_workers: worker calls reading headers at once while planning. Header reads
-            are short and hold the GIL for most of their time: more than two contend
-            (measured); on a cold disk two already overlap the reads.
-        header_batch: blob headers read per worker call while planning.
         direct_read_bytes: blobs up to this size are read whole with one ``pread`` and
             copied into MLX arrays (fast for small tensors); larger ones go through
             ``mx.load``, which reads straight into fresh MLX buffers.
@@ -81,8 +81,6 @@ class Limits:
     max_open_files: int = 32
     workers: int = 2
     buffered_groups: int = 1
-    header_workers: int = 2
-    header_batch: int = 64
     direct_read_bytes: int = 64 * 1024
     prefetch_bytes: int = 256 * MiB
     reader_nice: int | None = 10
@@ -123,8 +121,6 @@ class Limits:
             "group_bytes",
             "max_open_files",
             "workers",
-            "header_workers",
-            "header_batch",
             "max_manifest_bytes",
             "max_layers",
             "max_config_bytes",
