@@ -12,7 +12,7 @@ into a fresh store, in this order:
    time to the first tensor and to the end (pull finished, manifest written);
 4. ``load --pull``: `aw.load_weights(pull=True)`, all tensors held, to the end.
 
-Goals (DESIGN §4): (3) and (4) at most 1.1x (1); the first tensor within 5% of (1).
+Goals (bench/README.md#targets): (3) and (4) at most 1.1x (1); the first tensor within 5% of (1).
 """
 
 from __future__ import annotations

@@ -115,3 +115,14 @@ def test_markdown_links_resolve(markdown: Path) -> None:
         if not exists or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
             broken.append(target)
     assert broken == []
+
+
+def test_no_file_cites_notes_outside_the_repository_or_a_machine_path() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in repository_files()
+        if (content := text(path)) is not None
+        for number, line in enumerate(content.splitlines(), 1)
+        if any(p.search(line) for p in _FORBIDDEN)
+    ]
+    assert found == []

@@ -1,6 +1,6 @@
 """Stores laid out as each Ollama version writes them, and every kind of model they hold.
 
-Layouts (docs/format.md, "Store layouts"): legacy only; Ollama 0.40's ``manifests-v2`` entry as
+Layouts (docs/format.md#store-layouts): legacy only; Ollama 0.40's ``manifests-v2`` entry as
 a symlink, hard link or copy of the manifest document blob with the legacy anchor; a dangling
 ``manifests-v2`` link; manifest lists; cloud, GGUF and adapter-only models; mixed-case and
 ``%3A`` hosts; pre-0.1.30 ``sha256:<hex>`` blob names.

@@ -1,8 +1,8 @@
 """``asyncweights demo``: generate a realistic image-generation model once, then load it.
 
 The model has the three components of Ollama's image-generation models (``text_encoder``
-and ``transformer`` in bf16, ``vae`` in f32, named blobs as in FORMAT.md §3.2) plus an
-int4 variant that shares every unquantized blob with it. It is written deterministically
+and ``transformer`` in bf16, ``vae`` in f32, named blobs as in docs/format.md#named-blobs)
+plus an int4 variant that shares every unquantized blob with it. It is written deterministically
 into a store under the user cache directory and reused while complete.
 
 RawTensor bytes are cheap to make: a few megabytes of normal values are drawn once per dtype
@@ -248,7 +248,7 @@ class _Patterns:
 
 
 def _write_plain(root: Path, patterns: _Patterns, tensor: DemoTensor) -> Layer:
-    # Image-gen named blobs key an unquantized tensor by its bare name (FORMAT.md §3.2).
+    # Image-gen named blobs key an unquantized tensor by its bare name (docs/format.md#named-blobs).
     key = tensor.name.split("/", 1)[1]
     data = RawTensor(key, tensor.dtype, tensor.shape, patterns.chunks(tensor))
     blob = write_tensor_blob(root, [data], style="go")

@@ -1,8 +1,8 @@
 """Reading and validating safetensors headers before any tensor data is touched.
 
-The rules are FORMAT.md §6 plus the stricter ones of DESIGN.md §5: MLX accepts
-overlapping offsets, trailing bytes, negative or float dimensions and wraps dimensions of
-2^32, so every header is checked here first, and MLX only ever sees files that passed.
+The rules are those of docs/format.md#header-validation: MLX accepts overlapping offsets,
+trailing bytes, negative or float dimensions and wraps dimensions of 2^32, so every header is
+checked here first, and MLX only ever sees files that passed.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ __all__ = [
     "read_header",
 ]
 
-#: MLX's bound: the header length must be below 100,000,000 bytes (FORMAT.md §6.1).
+#: MLX's bound: the header length must be below 100,000,000 bytes
+#: (docs/format.md#header-validation).
 MAX_HEADER = 100_000_000
 
 

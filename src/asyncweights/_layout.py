@@ -1,6 +1,6 @@
 """Where a model's manifest lives on disk, in every layout Ollama has written.
 
-docs/format.md ("Store layouts") gives the rules with their upstream sources. In short:
+docs/format.md#store-layouts gives the rules with their upstream sources. In short:
 
 * ``manifests-v2/<host>/<namespace>/<model>/<tag>`` (Ollama 0.40): a relative symlink to
   ``blobs/sha256-<digest of the manifest bytes>``, else a hard link to that blob, else a copy

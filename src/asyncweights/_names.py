@@ -30,7 +30,7 @@ _MISSING = "!MISSING!"
 #: A digest as manifests spell it: ``sha256:`` and 64 hex digits (either case).
 DIGEST_PATTERN = r"^sha256:[0-9a-fA-F]{64}$"
 _DIGEST = re.compile(DIGEST_PATTERN)
-# First character, then the later ones, per part (FORMAT.md §1.4); ASCII only.
+# First character, then the later ones, per part (docs/format.md#model-names); ASCII only.
 _FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 _LATER = _FIRST | frozenset("-_")
 _LIMITS = {"host": 350, "namespace": 80, "model": 80, "tag": 80}

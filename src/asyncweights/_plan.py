@@ -249,7 +249,8 @@ def _remap(keys: dict[str, TensorEntry]) -> dict[str, str]:
     """Map blob keys to in-memory names: ``X.scale`` → ``X_scale``, ``X.bias`` → ``X_qbias``.
 
     A ``.bias`` is a quantization bias only when the same blob has the matching ``.scale``
-    (FORMAT.md §5.2, the HEAD rule), so real layer biases keep their names.
+    (docs/format.md#companion-names, Ollama's current rule), so real layer biases keep their
+    names.
 
     Raises:
         _Collision: two keys map to one name (e.g. ``w.scale`` and a literal ``w_scale``).

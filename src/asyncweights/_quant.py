@@ -109,7 +109,9 @@ _SKIP = ("embed", "norm", "ln_")
 
 
 def should_quantize(name: str, dtype: str, shape: Sequence[int], group_size: int) -> bool:
-    """Ollama's rule of which tensors a requested quantization applies to (FORMAT.md §4.1).
+    """Ollama's rule of which tensors a requested quantization applies to.
+
+    See docs/format.md#quant-policy.
 
     Skipped: the ``vae`` component, names with ``embed``, ``norm`` or ``ln_``, non-float
     tensors, anything but a ``*.weight`` of rank 2 or more, and last dimensions the group
@@ -151,7 +153,7 @@ def canonical_type(label: str | None) -> str | None:
 
 
 def label_bits(label: str | None) -> int | None:
-    """The bits a model-level label implies, for tie-breaking (FORMAT.md §5.5 step 2)."""
+    """The bits a model-level label implies, for tie-breaking (docs/format.md#quant-rule)."""
     qtype = canonical_type(label)
     return None if qtype is None else _TYPES[qtype][1]
 
@@ -175,7 +177,7 @@ def resolve(
     hint_bits: int | None,
     hint_group: int | None = None,
 ) -> Quantization:
-    """Apply FORMAT.md §5.5 to one packed weight.
+    """Apply docs/format.md#quant-rule to one packed weight.
 
     Args:
         packed: dtypes and shapes of the weight, its scales and (optional) biases.

@@ -49,9 +49,9 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 TensorData: TypeAlias = Buffer | Iterable[Buffer]
 Style: TypeAlias = Literal["go", "mlx"]
 
-#: The components of an image-generation model, in Ollama's order (FORMAT.md §2.5).
+#: The components of an image-generation model, in Ollama's order (docs/format.md#layer-order).
 COMPONENTS = ("text_encoder", "transformer", "vae")
-#: Config layers Ollama imports for such a model, in its order (FORMAT.md §4.2).
+#: Config layers Ollama imports for such a model, in its order (docs/format.md#config-layers).
 IMAGEGEN_CONFIGS = (
     "model_index.json",
     "text_encoder/config.json",

@@ -1,4 +1,4 @@
-"""Builders of small synthetic Ollama stores, with real bytes, for every era of FORMAT.md.
+"""Builders of small synthetic Ollama stores, with real bytes, for every era (docs/format.md#eras).
 
 ``StoreBuilder.add_model`` writes a whole model the way Ollama wrote it in a given era and
 returns a ``BuiltModel`` that says what a loader must produce. The lower-level methods
@@ -106,7 +106,9 @@ _DEFAULT_METADATA: Mapping[str, MetadataStyle] = {
 
 
 def default_policy(qtype: QuantSpec, *, era: Era = "E3") -> QuantPolicy:
-    """Ollama's E0/E1 rule of which tensors to quantize (§4.1), for one requested type.
+    """Ollama's E0/E1 rule of which tensors to quantize, for one requested type.
+
+    See docs/format.md#quant-policy.
 
     Skipped: the ``vae`` component, names with ``embed``, ``norm`` or ``ln_``, non-float
     tensors, anything but a ``*.weight`` of rank 2 or more, and last dimensions the group
@@ -155,8 +157,8 @@ class BuiltModel:
 
     ``expected`` maps every logical name (with its ``component/`` prefix, as loaded with no
     component) to its array: packed weights ``X``, scales ``X_scale``, biases ``X_qbias``
-    (FORMAT §5.2), and unquantized tensors. ``quantization`` maps each packed ``X`` to its
-    parameters.
+    (docs/format.md#companion-names), and unquantized tensors. ``quantization`` maps each
+    packed ``X`` to its parameters.
     """
 
     name: str
@@ -255,13 +257,13 @@ class StoreBuilder:
         Args:
             name: the model name, e.g. ``"toy:latest"``.
             tensors: source tensors by name; a ``component/`` prefix makes an image-gen model.
-            era: the blob grammar (FORMAT.md §0, §3).
+            era: the blob grammar (docs/format.md#eras).
             quantize: a type for every tensor ``default_policy`` accepts, a mapping of names to
                 a type or ``(type, group_size)``, or a callable ``(name, array)`` returning one
                 or None.
             pack: E1+ packed blobs: layer name (a group prefix) -> tensor names it holds.
             configs: JSON layers by path, dicts or bytes. An image-gen ``model_index.json`` dict
-                is rewritten the way Ollama stores it (§4.3).
+                is rewritten the way Ollama stores it (docs/format.md#model-index).
             metadata_style: labels of quantized packed blobs: ``none`` (E1), ``global`` (E2a,
                 only when uniform), ``per_tensor`` (E2b), ``both`` or ``auto`` (E3: global when
                 uniform, else per tensor). Defaults by era.
@@ -655,7 +657,7 @@ def _quant_metadata(keys: Mapping[str, Quantization], style: MetadataStyle) -> d
 
 
 def _ollama_model_index(index: Mapping[str, Any], count: int, label: str) -> bytes:
-    """A diffusers ``model_index.json`` as Ollama stores it (§4.3)."""
+    """A diffusers ``model_index.json`` as Ollama stores it (docs/format.md#model-index)."""
     out = {k: v for k, v in index.items() if k not in ("_class_name", "_diffusers_version")}
     out["architecture"] = index.get("_class_name", "")
     out["parameter_count"] = count
