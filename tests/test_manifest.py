@@ -1,0 +1,102 @@
+"""`_manifest` directly: the same Structs decode what Ollama wrote and encode it back alike."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+import asyncweights as aw
+from asyncweights._manifest import (
+    CONFIG_MEDIA_TYPE,
+    MANIFEST_MEDIA_TYPE,
+    TENSOR_MEDIA_TYPE,
+    ModelConfig,
+    build_manifest,
+    decode_config,
+    decode_manifest,
+    encode_config,
+    encode_manifest,
+)
+
+A, B = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+
+def test_manifest_encodes_in_ollamas_field_order() -> None:
+    manifest = build_manifest(
+        aw.Layer(CONFIG_MEDIA_TYPE, A, 10), [aw.Layer(TENSOR_MEDIA_TYPE, B, 20, "w")]
+    )
+    assert encode_manifest(manifest) == (
+        b'{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json",'
+        b'"config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"'
+        + A.encode()
+        + b'","size":10},"layers":[{"mediaType":"application/vnd.ollama.image.tensor",'
+        b'"digest":"' + B.encode() + b'","size":20,"name":"w"}]}'
+    )
+    assert decode_manifest(encode_manifest(manifest)) == manifest
+
+
+def test_an_empty_layer_name_is_no_name() -> None:
+    assert aw.Layer(CONFIG_MEDIA_TYPE, A, 10, "").name is None
+    assert b'"name"' not in msgspec.json.encode(aw.Layer(CONFIG_MEDIA_TYPE, A, 10, ""))
+
+
+def test_uppercase_digests_are_lowered() -> None:
+    assert aw.Layer(TENSOR_MEDIA_TYPE, A.upper().replace("SHA256", "sha256"), 1).digest == A
+
+
+def test_a_manifest_without_media_type_is_dockers() -> None:
+    doc = {"schemaVersion": 2, "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": A, "size": 1}}
+    doc["layers"] = []
+    manifest = decode_manifest(json.dumps(doc).encode())
+    assert manifest.media_type == MANIFEST_MEDIA_TYPE
+    assert json.loads(encode_manifest(manifest))["mediaType"] == MANIFEST_MEDIA_TYPE
+
+
+def test_ollama_0_40_fields_are_written_only_when_set() -> None:
+    config = aw.Layer(CONFIG_MEDIA_TYPE, A, 10)
+    plain = aw.Manifest(schema_version=2, config=config, layers=[])
+    assert b"runner" not in encode_manifest(plain)
+    mlx = aw.Manifest(
+        schema_version=2, config=config, layers=[], runner="mlx", format="safetensors"
+    )
+    decoded = json.loads(encode_manifest(mlx))
+    assert (decoded["runner"], decoded["format"]) == ("mlx", "safetensors")
+
+
+def test_config_encodes_as_ollama_writes_it() -> None:
+    config = ModelConfig(
+        model_format="safetensors", file_type="int4", requires="0.19.0", capabilities=["image"]
+    )
+    assert encode_config(config) == (
+        b'{"model_format":"safetensors","model_family":"","model_families":null,'
+        b'"model_type":"","file_type":"int4","requires":"0.19.0","capabilities":["image"],'
+        b'"architecture":"","os":"","rootfs":{"type":"","diff_ids":null}}'
+    )
+    assert decode_config(encode_config(config)) == config
+
+
+def test_config_keeps_what_a_cloud_model_says() -> None:
+    data = json.dumps(
+        {
+            "model_format": "",
+            "renderer": "harmony",
+            "remote_host": "https://ollama.com:443",
+            "remote_model": "gpt-oss:120b",
+            "rootfs": None,
+            "unknown_field": [1, 2],
+        }
+    ).encode()
+    config = decode_config(data)
+    assert (config.remote_host, config.remote_model) == ("https://ollama.com:443", "gpt-oss:120b")
+    assert config.rootfs is None
+    out = json.loads(encode_config(config))
+    assert out["renderer"] == "harmony"
+    assert "parser" not in out  # omitempty, as Go writes it
+    assert out["rootfs"] is None
+
+
+def test_a_config_of_the_wrong_shape_is_a_manifest_error() -> None:
+    with pytest.raises(aw.ManifestError, match="invalid model config blob"):
+        decode_config(b'{"capabilities": "completion"}', model="m")
