@@ -7,6 +7,7 @@ byte-for-byte against the source store, and the store layout against Ollama 0.40
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -347,6 +348,57 @@ async def test_412_is_a_precondition_error_with_the_registry_message(
     assert not store.exists()
 
 
+@pytest.mark.parametrize(
+    ("status", "error", "phrase"),
+    [
+        (401, aw.RegistryAuthError, "Unauthorized"),
+        (403, aw.RegistryAuthError, "Forbidden"),
+        (404, aw.RegistryNotFoundError, "Not Found"),
+        (500, aw.RegistryServerError, "Internal Server Error"),
+        (400, aw.RegistryError, "Bad Request"),
+    ],
+)
+async def test_each_http_failure_has_its_error(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    tmp_path: Path,
+    status: int,
+    error: type[aw.RegistryError],
+    phrase: str,
+) -> None:
+    registry, _ = fake
+    registry.manifest_status = (status, "no, because")
+    with pytest.raises(error) as caught:
+        await aw.pull(
+            "q4", store=tmp_path, registry=registry.url, limits=aw.Limits(registry_retries=0)
+        )
+    assert type(caught.value) is error
+    assert caught.value.status == status
+    assert str(caught.value) == (
+        f"HTTP {status} {phrase} for the manifest: no, because "
+        f"(model 'q4', registry {registry.url}, repository library/q4)"
+    )
+
+
+async def test_a_stalled_download_times_out_then_fails(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    _, models = source
+    registry.chunk = 4 * KiB
+    registry.delay = 1.0  # longer than the read timeout between two chunks
+    limits = aw.Limits(registry_timeout=0.2, registry_retries=1)
+    with pytest.raises(aw.RegistryError) as caught:
+        await aw.pull("q4", store=tmp_path / "store", registry=registry.url, limits=limits)
+    assert type(caught.value) is aw.RegistryError
+    assert caught.value.digest in {layer.digest for layer in models["q4"].layers} | {
+        models["q4"].config.digest
+    }
+    assert "download broke off 2 times, last: ReadTimeout" in str(caught.value)
+    assert not (tmp_path / "store" / "manifests").exists()
+
+
 async def test_server_errors_are_retried_then_raised(
     fake: tuple[FakeRegistry, FakeRegistry],
     source: tuple[Path, dict[str, BuiltModel]],
@@ -501,6 +553,9 @@ async def test_cancel_at_every_stage_then_resume_bit_exact(
     store = tmp_path / "store"
     built = models["slow"]
     seen = anyio.Event()
+    gc.collect()
+    mx.clear_cache()
+    memory_before = mx.get_active_memory()
 
     async def on_progress(event: aw.Progress) -> None:
         if stage == "manifest" or (stage == "planning" and event.phase == "planning"):
@@ -526,7 +581,8 @@ async def test_cancel_at_every_stage_then_resume_bit_exact(
                     scope.cancel()
 
                 tg.start_soon(cancel_when_seen)
-                async for _ in tensors:
+                async for tensor in tensors:
+                    del tensor  # hold no array: MLX memory is checked after the cancel
                     count += 1
                     if stage == "first-tensor" or (stage == "late" and count == 6):
                         scope.cancel()
@@ -534,6 +590,8 @@ async def test_cancel_at_every_stage_then_resume_bit_exact(
     registry.gate.set()
     wait_quiet(store)
     assert blob_fds(store) == []
+    mx.clear_cache()
+    assert mx.get_active_memory() <= memory_before  # no array of the load is left
     blobs = store / "blobs"
     names = sorted(p.name for p in blobs.iterdir()) if blobs.exists() else []
     digests = {layer.digest for layer in [built.config, *built.layers]}

@@ -97,10 +97,10 @@ async def load_weights(
         verify: check each blob's SHA-256 against its digest while loading.
         on_progress: a plain or async callable receiving `Progress` events.
         limits: memory, file and thread bounds; see `Limits`.
-        pull: fetch the model from its registry while loading (see `pull`): the load is
-            planned as soon as the manifest and the blob headers arrive, and each group is
-            read as soon as its blobs are verified and committed to the store. The call
-            returns once the whole model is in the store. `model` must be a name.
+        pull: fetch the model from its registry while loading (see `pull`): each run of
+            blobs verified and committed to the store so far is planned and read while the
+            next ones download. The call returns once the whole model is in the store (its
+            manifest written last). `model` must be a name.
         registry: with `pull`, the base URL to fetch from instead of the name's host
             (``http://`` only when spelled so).
         shard: load only this rank's part (`Shard`): each split tensor's slice is read by

@@ -1,8 +1,8 @@
 """Pulling a model from a registry into the store, alone or while it loads.
 
-    manifest ─► config + JSON layers ─► (for a load: the head of each tensor blob, to plan)
-      ─► tensor blobs, `Limits.pull_streams` at a time, in manifest order (the loaded
-         component's first) ─► each blob hashed as it arrives, fsynced, renamed to its digest
+    manifest ─► config + JSON layers, then tensor blobs, `Limits.pull_streams` at a time, in
+    manifest order (a load's component first) ─► each blob hashed as it arrives, fsynced,
+    renamed to its digest (a load reads each run of committed blobs: `_load._produce_pulled`)
       ─► the manifest, last, in Ollama 0.40's layout (`write_pulled_manifest`)
 
 A blob is downloaded into ``blobs/.sha256-<hex>.partial`` (a name neither Ollama nor a loader

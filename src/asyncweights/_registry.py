@@ -226,9 +226,9 @@ class RegistryClient:
             status = response.status_code
             if status == 401 and not authenticated:
                 challenge = response.headers.get("www-authenticate", "")
-                await response.aclose()
                 authenticated = True
                 if challenge.lower().startswith("bearer "):
+                    await response.aclose()
                     self._token = await self._fetch_token(challenge, repository)
                     continue
             elif status in _RETRY_STATUSES and attempt < self.retries:
