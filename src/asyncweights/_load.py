@@ -43,7 +43,7 @@ from ._manifest import Layer, Manifest
 from ._names import ModelName
 from ._plan import Hints, Plan, blob_paths, plan_gguf, plan_tensors, select_layers
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
-from ._pull import PullSession, component_layers, open_session, run_pull, segment_ends
+from ._pull import PullSession, component_layers, load_units, open_session, run_pull
 from ._quant import model_hints
 from ._read import (
     Loaded,
@@ -530,18 +530,18 @@ async def _produce_pulled(
     plan: Plan,
     groups: _Groups,
 ) -> None:
-    """Load a model while it is pulled: plan and load each run of committed blobs in turn.
+    """Load a model while it is pulled: plan and load the blobs committed so far, in turns.
 
     A full plan needs every blob's header, which would wait for the whole download (or cost
-    a request per blob). Instead the tensor layers, in manifest order (the order they are
-    downloaded), are cut into segments at the first safe end (`segment_ends`) past the blobs
-    committed so far; each segment is planned on its own and its groups are loaded while
-    later blobs arrive. Names must not repeat across segments; at the end the whole model is
+    a request per blob). Instead each turn takes every unit (`load_units`: a weight with its
+    companions) whose blobs have all landed and was not loaded yet, plans those layers on
+    their own and loads their groups while later blobs arrive, so tensors come in the order
+    their blobs land. Names must not repeat across turns; at the end the whole model is
     planned once more (headers cached), which gives the model-level quantization and the
     order of `load_weights`, and must name exactly the tensors that were loaded.
     """
     layers = component_layers(model.manifest, component)
-    ends = segment_ends(layers)
+    pending = load_units(layers)
     configs = [layer for layer in model.manifest.layers if not layer.is_tensor]
     owners: dict[str, tuple[str, str]] = {}
     async with send:
@@ -552,24 +552,21 @@ async def _produce_pulled(
             plan.blobs, plan.quantization, plan.groups = whole.blobs, whole.quantization, []
             groups.settle(whole)
             return
-        start = 0
-        while start < len(layers):
-            # Wait for the blobs up to the first safe end, then take in every later run of
-            # blobs already committed, up to a safe end.
-            end = next(e for e in ends if e > start)
-            await session.wait(layer.digest for layer in layers[start:end])
-            for later in ends:
-                if later <= end:
-                    continue
-                if not all(session.committed(layer.digest) for layer in layers[end:later]):
-                    break
-                end = later
-            part = msgspec.structs.replace(model.manifest, layers=[*configs, *layers[start:end]])
+        while pending:
+            landed = session.next_commit()  # taken before the check: no landing is missed
+            ready = [u for u in pending if all(session.committed(x.digest) for x in u)]
+            if not ready:
+                await landed.wait()
+                continue
+            taken = {id(u) for u in ready}
+            pending = [u for u in pending if id(u) not in taken]
+            chosen = {id(layer) for unit in ready for layer in unit}
+            turn = [layer for layer in layers if id(layer) in chosen]  # manifest order
+            part = msgspec.structs.replace(model.manifest, layers=[*configs, *turn])
             segment = Model(model.store, part, label=model.label, path=None, digest=model.digest)
             segment_plan = await make_plan(segment, component, limits)
             _claim(segment_plan, owners)
             await _produce(segment_plan, dtype, verify, limits, send.clone())
-            start = end
         whole = await make_plan(model, component, limits)
         loaded = {(t.name, t.digest, t.key) for b in whole.blobs for t in b.tensors}
         if loaded != {(n, d, k) for n, (d, k) in owners.items()}:

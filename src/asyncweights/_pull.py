@@ -51,10 +51,10 @@ if TYPE_CHECKING:
 __all__ = [
     "PullSession",
     "component_layers",
+    "load_units",
     "open_session",
     "pull",
     "run_pull",
-    "segment_ends",
 ]
 
 MiB = 1 << 20
@@ -108,6 +108,7 @@ class PullSession:
         self.blobs: list[Layer] = []
         self._sizes: dict[str, int] = {}
         self._ready: dict[str, anyio.Event] = {}
+        self._committed = anyio.Event()  # set (and replaced) each time a blob lands
         self._counts = _Counts()
 
     async def wait(self, digests: Iterable[str]) -> None:
@@ -196,6 +197,10 @@ class PullSession:
             present.add(layer.digest)
         return present
 
+    def next_commit(self) -> anyio.Event:
+        """An event set when the next blob lands (take it before checking, then wait)."""
+        return self._committed
+
     def committed(self, digest: str) -> bool:
         """Whether the blob is in the store (present before the pull, or committed by it)."""
         event = self._ready.get(digest)
@@ -243,6 +248,8 @@ class PullSession:
         self._counts.done_blobs += 1
         self._emit(layer.digest, force=True)
         event.set()
+        self._committed.set()
+        self._committed = anyio.Event()
 
     async def _await_other(self, layer: Layer, final: Path) -> None:
         limits = self.limits
@@ -494,14 +501,15 @@ async def run_pull(
     """Pull for a load: report the model once it can be planned from, then finish the pull.
 
     The task reports itself started once the manifest, the config and the JSON layers are in
-    the store (the first tensor blobs download beside them); the tensor blobs come in
-    manifest order, those of `component` first (the order a load reads them), and the
-    manifest is written last.
+    the store (the first tensor blobs download beside them); the tensor blobs of `component`
+    come first, smallest first, then the others, and the manifest is written last.
     """
     async with session.client:
         manifest = await session.fetch_manifest()
         configs = [layer for layer in session.blobs if not layer.is_tensor]
-        wanted = component_layers(manifest, component)
+        # Smallest first: a load takes every blob as it lands, so the first tensors come
+        # after a few KiB instead of after the first (often the largest) tensor's blob.
+        wanted = sorted(component_layers(manifest, component), key=lambda layer: layer.size)
         first = {layer.digest for layer in [*configs, *wanted]}
         rest = [layer for layer in session.blobs if layer.digest not in first]
         async with anyio.create_task_group() as tg:
@@ -521,24 +529,18 @@ def component_layers(manifest: Manifest, component: str | None) -> list[Layer]:
     return layers
 
 
-def segment_ends(layers: list[Layer]) -> list[int]:
-    """Where a load may cut `layers` into segments planned on their own (exclusive ends).
+def load_units(layers: list[Layer]) -> list[list[Layer]]:
+    """The layers a load must plan together, in manifest order of their first layer.
 
-    A packed weight and its scales and biases must be planned together (the quantization
-    of ``X`` is read from ``X.scale``'s shape): layers whose names share a base (the name
-    without ``.scale``/``.bias``/``_scale``/``_qbias``, Ollama's companion suffixes) are never
-    split, wherever they sit in the list. Companions inside one blob travel with it anyway.
+    A packed weight and its scales and biases are planned together (the quantization of
+    ``X`` is read from ``X.scale``'s shape): layers whose names share a base (the name without
+    Ollama's companion suffixes ``.scale``/``.bias``/``_scale``/``_qbias``) form one unit.
+    Companions inside one blob travel with it anyway.
     """
-    last: dict[str, int] = {}
-    for index, layer in enumerate(layers):
-        last[_base(layer.name or layer.digest)] = index
-    ends = []
-    reach = 0
-    for index, layer in enumerate(layers):
-        reach = max(reach, last[_base(layer.name or layer.digest)])
-        if reach == index:
-            ends.append(index + 1)
-    return ends
+    units: dict[str, list[Layer]] = {}
+    for layer in layers:
+        units.setdefault(_base(layer.name or layer.digest), []).append(layer)
+    return list(units.values())
 
 
 def _base(name: str) -> str:
