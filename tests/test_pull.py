@@ -521,7 +521,10 @@ async def test_load_while_pulling_keeps_quantization_of_every_era(
     name = f"q-{era.lower()}"
     store = tmp_path / "store"
     streamed: dict[str, aw.Tensor] = {}
-    async with aw.stream_weights(name, store=store, pull=True, registry=registry.url) as tensors:
+    limits = aw.Limits(group_bytes=4 * KiB)  # a turn per few blobs
+    async with aw.stream_weights(
+        name, store=store, pull=True, registry=registry.url, limits=limits
+    ) as tensors:
         async for tensor in tensors:
             streamed[tensor.name] = tensor
     assert_same({n: t.array for n, t in streamed.items()}, models[name].expected)
@@ -529,7 +532,9 @@ async def test_load_while_pulling_keeps_quantization_of_every_era(
     assert {n: t.info for n, t in streamed.items()} == dict(local.info)
     packed = [n for n, info in local.info.items() if info.quantization is not None]
     assert len(packed) == 6
-    again = await aw.load_weights(name, store=tmp_path / "again", pull=True, registry=registry.url)
+    again = await aw.load_weights(
+        name, store=tmp_path / "again", pull=True, registry=registry.url, limits=limits
+    )
     assert again.quantization == local.quantization
     assert again.quantization is not None
     assert dict(again.info) == dict(local.info)

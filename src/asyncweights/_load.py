@@ -191,7 +191,8 @@ async def stream_weights(
     Memory in flight is bounded by `Limits`; leaving the block early cancels the load and
     frees its files, threads and buffers (and, with `pull`, stops the download, keeping
     what was verified and the partial blob for a resume). Arguments are those of
-    `load_weights`; with `pull` the first tensors arrive while the download goes on.
+    `load_weights`; with `pull` the first tensors arrive while the download goes on, in the
+    order their blobs land.
     """
     async with _pipeline(
         model, component, store, dtype, verify, on_progress, limits, pull, registry, shard
@@ -536,9 +537,11 @@ async def _produce_pulled(
     a request per blob). Instead each turn takes every unit (`load_units`: a weight with its
     companions) whose blobs have all landed and was not loaded yet, plans those layers on
     their own and loads their groups while later blobs arrive, so tensors come in the order
-    their blobs land. Names must not repeat across turns; at the end the whole model is
-    planned once more (headers cached), which gives the model-level quantization and the
-    order of `load_weights`, and must name exactly the tensors that were loaded.
+    their blobs land. The first turn starts with the first unit; later ones wait for
+    `Limits.group_bytes` of landed blobs (or the last ones). Names must not repeat across
+    turns; at the end the whole model is planned once more (headers cached), which gives the
+    model-level quantization and the order of `load_weights`, and must name exactly the
+    tensors that were loaded.
     """
     layers = component_layers(model.manifest, component)
     pending = load_units(layers)
@@ -552,12 +555,17 @@ async def _produce_pulled(
             plan.blobs, plan.quantization, plan.groups = whole.blobs, whole.quantization, []
             groups.settle(whole)
             return
+        turns = 0
         while pending:
             landed = session.next_commit()  # taken before the check: no landing is missed
             ready = [u for u in pending if all(session.committed(x.digest) for x in u)]
-            if not ready:
+            size = sum(layer.size for unit in ready for layer in unit)
+            # The first turn goes at once (the first tensor); later ones wait for a group's
+            # worth of bytes, or the last blobs: a turn costs a plan, so not one per blob.
+            if not ready or (turns and size < limits.group_bytes and len(ready) < len(pending)):
                 await landed.wait()
                 continue
+            turns += 1
             taken = {id(u) for u in ready}
             pending = [u for u in pending if id(u) not in taken]
             chosen = {id(layer) for unit in ready for layer in unit}
