@@ -3,8 +3,9 @@
     python bench/pull.py [--scale 1.0] [--scratch DIR] [--out bench/results/pull.json]
 
 The "big" benchmark model (``bench/generate.py``; ~2 GiB, 598 tensors at scale 1) is pushed
-to Debian's ``docker-registry`` started on a free 127.0.0.1 port (the tests' runner), then, each
-into a fresh store, in this order:
+to Debian's ``docker-registry`` started on a free 127.0.0.1 port (the tests' runner).
+
+Each round runs, back to back, each into a fresh store (medians of ``--rounds`` rounds):
 
 1. ``pull``: `aw.pull` alone, the pure download (blobs hashed, fsynced, renamed);
 2. ``load``: `aw.load_weights` of what (1) pulled: pull then load is (1) + (2);
@@ -12,15 +13,18 @@ into a fresh store, in this order:
    time to the first tensor and to the end (pull finished, manifest written);
 4. ``load --pull``: `aw.load_weights(pull=True)`, all tensors held, to the end.
 
-Goals (bench/README.md#targets): (3) and (4) at most 1.1x (1); the first tensor within 5% of (1).
+Goals (bench/README.md#targets): (3) and (4) at most 1.1x (1); the first tensor within 5%
+of (1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +41,8 @@ sys.path.insert(0, str(ROOT))  # the tests' registry runner
 from tests.registry_support import RealRegistry, registry_missing  # noqa: E402
 
 
-async def measure(name: str, url: str, work: Path) -> dict[str, float]:
+async def measure_round(name: str, url: str, work: Path) -> dict[str, float]:
+    """One round: the four measurements back to back, each into a fresh store."""
     figures: dict[str, float] = {}
 
     store = work / "a"
@@ -77,11 +82,21 @@ async def measure(name: str, url: str, work: Path) -> dict[str, float]:
     return figures
 
 
+async def measure(name: str, url: str, work: Path, rounds: int) -> list[dict[str, float]]:
+    results = []
+    for index in range(rounds):
+        figures = await measure_round(name, url, work)
+        print(f"round {index + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+        results.append(figures)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="byte scale of 'big' (1 = ~2 GiB)")
     parser.add_argument("--scratch", type=Path, default=None, help="scratch folder (temp)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pull.json")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the four, interleaved")
     args = parser.parse_args()
     missing = registry_missing()
     if missing is not None:
@@ -103,11 +118,19 @@ def main() -> int:
             print(f"pushed in {time.monotonic() - started:.1f} s", file=sys.stderr)
             shutil.rmtree(work / "source")  # the registry holds its own copy
             name = f"{repository}:{tag}"  # stored under registry.ollama.ai, fetched locally
-            figures = anyio.run(measure, name, registry.url, work / "stores")
+            rounds = anyio.run(measure, name, registry.url, work / "stores", args.rounds)
+    # Medians over the rounds: on a shared machine one round's neighbours can differ a lot.
+    figures = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     pull = figures["pull_s"]
     result = {
         "model": {"tensors": paths.tensors, "blob_bytes": paths.blob_bytes},
-        "machine": {"python": platform.python_version(), "machine": platform.machine()},
+        "machine": {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "load_average_after": os.getloadavg(),
+        },
+        "rounds": [{k: round(v, 4) for k, v in r.items()} for r in rounds],
         "figures": {k: round(v, 4) for k, v in figures.items()},
         "ratios": {
             "stream_pull_total_vs_pull": round(figures["stream_pull_total_s"] / pull, 3),
@@ -120,7 +143,10 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     gib = paths.blob_bytes / 2**30
-    print(f"big model: {paths.tensors} tensors, {gib:.3f} GiB, local docker-registry")
+    print(
+        f"big model: {paths.tensors} tensors, {gib:.3f} GiB, local docker-registry; "
+        f"medians of {len(rounds)} rounds"
+    )
     print(f"  pull alone              {pull:8.3f} s  ({gib / pull:.2f} GiB/s)")
     print(f"  load after it           {figures['load_s']:8.3f} s")
     print(f"  pull then load          {figures['pull_then_load_s']:8.3f} s")
