@@ -80,7 +80,8 @@ class _Counts:
 class PullSession:
     """One model being pulled: its manifest, and an event per blob set once it is committed.
 
-    `run_pull` makes it; a load waits on `wait` before reading a group of blobs.
+    `open_session` makes it and `run_pull` runs it for a load, which takes each blob as it
+    lands (`committed`, `next_commit`, `wait`).
     """
 
     def __init__(
