@@ -321,6 +321,7 @@ def check_shards(group: Any, weights: Weights) -> None:
     from the same blobs with the same full shapes; a replicated tensor must have the same
     bytes everywhere; a split tensor's slice must be the rank's own part (its shape, and the
     part of the rank at its position in the group). A collective call: every rank calls it.
+    It checks tensor-parallel loads; pipeline stages hold different tensors by design.
 
     Raises:
         ShardError: naming the first tensor that differs, and the ranks.
