@@ -21,7 +21,6 @@ import msgspec
 import pytest
 
 import asyncweights as aw
-from asyncweights import _load
 from asyncweights.testing import StoreBuilder, random_weights
 
 from .conftest import open_fds, wait_quiet
@@ -484,8 +483,3 @@ def test_limits_reject_caps_below_one() -> None:
     ):
         with pytest.raises(ValueError, match=f"Limits.{cap} must be at least 1"):
             aw.Limits(**{cap: 0})
-
-
-def test_load_module_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The planner seam the tests above patch must stay the one the pipeline calls.
-    assert _load.make_plan.__module__ == "asyncweights._load"
