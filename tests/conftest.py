@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -50,7 +51,7 @@ def busy_load_threads() -> list[int]:
     marker = os.sep + "asyncweights" + os.sep
     busy = []
     for ident, frame in sys._current_frames().items():
-        f = frame
+        f: FrameType | None = frame
         while f is not None:
             if marker in f.f_code.co_filename and "testing" not in f.f_code.co_filename:
                 busy.append(ident)

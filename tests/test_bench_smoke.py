@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from strategies import STRATEGIES  # noqa: E402
+from strategies import STRATEGIES  # type: ignore[import-not-found]  # noqa: E402
 
 
 @pytest.mark.timeout(240)

@@ -15,6 +15,7 @@ import pytest
 import asyncweights as aw
 import asyncweights._cache as cache_module
 import asyncweights._load as load_module
+from asyncweights._read import load_group
 from asyncweights.testing import BuiltModel, StoreBuilder, random_weights
 
 from .conftest import wait_quiet
@@ -49,7 +50,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
 @pytest.fixture(autouse=True)
 def slow_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make each group take GROUP_DELAY seconds in its worker, so loads can be caught mid-way."""
-    real: Callable[..., Any] = load_module.load_group
+    real: Callable[..., Any] = load_group
 
     def slow(*args: Any) -> Any:
         time.sleep(GROUP_DELAY)
@@ -367,7 +368,7 @@ async def test_a_failed_load_is_not_cached(
 async def test_every_waiter_gets_the_failure(
     store_root: Path, toy: BuiltModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    slow = load_module.load_group
+    slow = load_group
     calls = 0
 
     def fail_third(*args: Any) -> Any:
@@ -563,12 +564,12 @@ async def test_a_lease_plans_once_reading_each_header_once(
 ) -> None:
     # The cache plans to reserve memory and then loads that same plan: one header read per
     # blob (planning twice read 10 headers for this 5-blob model).
-    from asyncweights import _read
+    from asyncweights import _header, _read
 
     shapes = {f"blocks.{i}.weight": (4, 8) for i in range(5)}
     builder.add_model("five:latest", random_weights(shapes, seed=5))
     reads: list[str] = []
-    real = _read.read_blob_head
+    real = _header.read_blob_head
 
     def counted(path: Any, **kwargs: Any) -> Any:
         reads.append(os.fspath(path))

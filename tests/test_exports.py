@@ -127,7 +127,7 @@ def test_testing_names_are_its_own_or_the_package_objects() -> None:
 
 def test_what_public_functions_take_and_return_is_exported() -> None:
     # The types in the signatures of the cache and the loaders are reachable from `aw`.
-    stats = typing.get_type_hints(aw.WeightCache.stats.fget)["return"]
+    stats = typing.get_type_hints(vars(aw.WeightCache)["stats"].fget)["return"]
     entries = typing.get_type_hints(aw.WeightCache.entries)["return"]
     assert stats is aw.CacheStats
     assert typing.get_args(entries) == (aw.CacheEntry,)

@@ -482,4 +482,4 @@ def test_limits_reject_caps_below_one() -> None:
         "max_name_bytes",
     ):
         with pytest.raises(ValueError, match=f"Limits.{cap} must be at least 1"):
-            aw.Limits(**{cap: 0})
+            aw.Limits(**{cap: 0})  # type: ignore[arg-type]

@@ -1071,7 +1071,12 @@ async def test_small_blob_changed_after_planning_loads_the_bytes_validated(
     # whatever happens to the file afterwards.
     model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3, 4)}))
     paths = [blob_path(store_root, layer.digest) for layer in model.layers[:2]]
-    _between_plan_and_load(monkeypatch, lambda: [p.unlink() for p in paths])
+
+    def unlink_both() -> None:
+        for p in paths:
+            p.unlink()
+
+    _between_plan_and_load(monkeypatch, unlink_both)
     weights = await aw.load_weights(MODEL, store=store_root, verify=True)
     assert_bit_exact(weights, model.expected)
 

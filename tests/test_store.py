@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import asyncweights as aw
-from asyncweights._store import blob_file_name, default_root
+from asyncweights._names import blob_file_name
+from asyncweights._store import default_root
 from asyncweights.testing import StoreBuilder, random_weights
 
 

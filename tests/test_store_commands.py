@@ -18,10 +18,10 @@ import pytest
 from safetensors.numpy import save_file
 
 import asyncweights as aw
-from asyncweights.testing import StoreBuilder, random_weights
+from asyncweights.testing import LayoutName, StoreBuilder, random_weights
 
 SHAPES = {"model.layers.0.mlp.up_proj.weight": (64, 128), "model.norm.weight": (64,)}
-TENSOR_LAYOUTS = {
+TENSOR_LAYOUTS: dict[str, LayoutName] = {
     "legacy:latest": "legacy",
     "v2-symlink:latest": "v2-symlink",
     "v2-hardlink:latest": "v2-hardlink",

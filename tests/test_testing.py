@@ -183,7 +183,7 @@ def test_llm_reads_back_in_every_era(tmp_path: Path, era: Era) -> None:
         configs={"config.json": {"architectures": ["Toy"]}},
     )
     assert_reads_back(tmp_path, model)
-    names = [layer.name for layer in model.layers]
+    names = [layer.name or "" for layer in model.layers]
     if era == "E0":
         assert "model.layers.0.self_attn.q_proj.weight_qbias" in names
         assert "model.layers.1.mlp.experts.down_proj.weight_qbias" not in names

@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -94,7 +95,7 @@ def test_fill_is_bit_exact_for_every_dtype(
         expected = data[span.offset : span.offset + span.length]
         assert raw(array) == expected, key
         if dtype not in (mx.bfloat16, mx.bool_):
-            want = np.frombuffer(expected, np_dtype).reshape(request.shape)
+            want: Any = np.frombuffer(expected, np_dtype).reshape(request.shape)
             np.testing.assert_array_equal(np.array(array), want)
 
 
@@ -221,7 +222,7 @@ def test_reader_threads_run_at_idle_priority() -> None:
         assert got[1] == 19
     # The calling thread is left as it was.
     assert os.sched_getscheduler(0) != getattr(os, "SCHED_IDLE", -1)
-    assert lower_thread_priority  # the same function every pool thread starts with
+    assert callable(lower_thread_priority)  # the same function every pool thread starts with
 
 
 def test_exit_waits_until_mlx_threads_let_go_of_the_file_objects(
