@@ -220,11 +220,15 @@ async def make_plan(model: Model, component: str | None, limits: Limits) -> Plan
     hints = await _model_hints(model)
     paths = blob_paths(os.fspath(model.store.blobs_dir), model.label, layers)
     headers, contents = await _read_headers(model.label, layers, paths, limits)
-    # Pure CPU over every tensor (tens of ms for thousands of blobs): off the event loop.
-    files = files_per_group(limits)
-    plan = functools.partial(
-        plan_tensors, model.label, component, layers, headers, contents, paths, hints, limits, files
-    )
+
+    def plan() -> Plan:
+        # Off the event loop: files_per_group lists /proc/self/fd, and naming every tensor
+        # is tens of milliseconds of CPU for thousands of blobs.
+        files = files_per_group(limits)
+        return plan_tensors(
+            model.label, component, layers, headers, contents, paths, hints, limits, files
+        )
+
     return await anyio.to_thread.run_sync(plan)
 
 
@@ -280,8 +284,10 @@ async def _plan_gguf(model: Model, component: str | None, limits: Limits) -> Pla
         path = model.store.blob_path(layer.digest)
         gguf = await anyio.to_thread.run_sync(gguf_header, model.label, comp, layer, path)
         read.append((comp, layer, os.fspath(path), gguf))
-    files = files_per_group(limits)
-    plan = functools.partial(plan_gguf, model.label, component, read, limits, files)
+
+    def plan() -> Plan:
+        return plan_gguf(model.label, component, read, limits, files_per_group(limits))
+
     return await anyio.to_thread.run_sync(plan)
 
 
