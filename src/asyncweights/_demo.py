@@ -1,11 +1,12 @@
-"""``asyncweights demo``: generate a realistic image-generation model once, then load it.
+"""The demo models of ``asyncweights demo``: a realistic image-generation model, generated once.
 
 The model has the three components of Ollama's image-generation models (``text_encoder``
 and ``transformer`` in bf16, ``vae`` in f32, named blobs as in docs/format.md#named-blobs)
 plus an int4 variant that shares every unquantized blob with it. It is written deterministically
-into a store under the user cache directory and reused while complete.
+into a store under the user cache directory and reused while complete; the command that
+loads it is `_cli.cmd_demo`.
 
-RawTensor bytes are cheap to make: a few megabytes of normal values are drawn once per dtype
+Tensor bytes are cheap to make: a few megabytes of normal values are drawn once per dtype
 and each tensor is that block, rotated by an offset derived from its name and repeated, so
 generation is bound by writing and hashing, not by a random number generator.
 """
