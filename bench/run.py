@@ -4,7 +4,8 @@
     python bench/run.py --size smoke --runs 1 # 64 MiB smoke, well under a minute
     python bench/run.py --strategies aw_load,seed --models big --conditions warm --runs 7
     python bench/run.py --quick               # 5 pairs aw_load/seed, mid-size, under a minute
-    AW_BASE_SRC=../main/src python bench/run.py --quick --strategies aw_load,aw_load@base,seed
+    AW_BASE_SRC=../main/src python bench/run.py --quick --strategies 'aw_load;aw_load@base;seed'
+    python bench/run.py --quick --strategies 'aw_load;aw_load:read_chunk=262144;seed'
 
 Each repetition runs every strategy once, in the same order (A B C … A B C …), so drift on a
 noisy machine spreads evenly. Before a cold run every file of the model is evicted with
@@ -44,7 +45,7 @@ MATRIX = [
     "seed", "single", "st_numpy", "raw1", "raw2", "raw1_fresh", "raw2_fresh",
 ]  # fmt: skip
 MACHINE_LIMITS = ["memcpy", "sha256"]  # once per repetition, on "big", no cache condition
-CHECKS = ["aw_cancel", "aw_cancel_trio"]  # warm, once per repetition and model
+CHECKS = ["aw_cancel", "aw_cancel_trio", "aw_reload"]  # warm, once per repetition and model
 ONCE = ["aw_nofile64"]  # warm, once per model
 RUN_TIMEOUT_S = 300
 
@@ -94,7 +95,7 @@ def machine_facts() -> dict[str, Any]:
 
 
 def _files(paths: ModelPaths, strategy: str) -> list[str]:
-    kind = STRATEGIES[strategy.partition("@")[0]].files
+    kind = STRATEGIES[strategy.partition("@")[0].partition(":")[0]].files
     if kind == "blobs":
         return [*paths.blobs, paths.manifest]
     if kind == "single":
@@ -133,13 +134,16 @@ def _model_facts(p: ModelPaths) -> dict[str, Any]:
 
 def plan_runs(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
     """(model, condition, strategy, rep) in execution order: interleaved repetitions."""
-    chosen = args.strategies.split(",") if args.strategies else None
+    chosen = strategy_list(args.strategies) if args.strategies else None
     if getattr(args, "quick", False) and chosen:
         model = args.models.split(",")[0]
         return [(model, "warm", s, rep) for rep in range(args.runs) for s in chosen]
 
     def keep(names: list[str]) -> list[str]:
-        return [s for s in names if chosen is None or s in chosen]
+        # Variants (STRATEGY:knobs, STRATEGY@base) run where their strategy would.
+        if chosen is None:
+            return names
+        return [s for s in chosen if s.partition("@")[0].partition(":")[0] in names]
 
     runs = []
     for model in args.models.split(","):
@@ -161,7 +165,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="repetitions of each strategy")
     parser.add_argument("--models", default="big,small", help="comma list: big,small")
     parser.add_argument("--conditions", default="warm,cold", help="comma list: warm,cold")
-    parser.add_argument("--strategies", help="comma list (default: all); see strategies.py")
+    parser.add_argument(
+        "--strategies", help="comma (or ';') list, default all; see strategies.py, run_one.py"
+    )
     parser.add_argument("--out", type=Path, help="folder for results (default bench/results/TAG)")
     parser.add_argument("--json", type=Path, help="raw runs + machine facts (OUT/runs.json)")
     parser.add_argument("--readme", action="store_true", help="put the results in bench/README.md")
@@ -190,7 +196,8 @@ def main() -> None:
         publish(doc, out, args.json or args.from_json, args.readme)
         return
     if args.strategies:
-        unknown = {s.partition("@")[0] for s in args.strategies.split(",")} - set(STRATEGIES)
+        chosen = [s.partition("@")[0].partition(":")[0] for s in strategy_list(args.strategies)]
+        unknown = set(chosen) - set(STRATEGIES)
         if unknown:
             parser.error(f"unknown strategies: {', '.join(sorted(unknown))}")
 
@@ -218,7 +225,7 @@ def main() -> None:
             )
 
     if args.quick:
-        quick_summary(results, args.strategies.split(","))
+        quick_summary(results, strategy_list(args.strategies))
         return
     doc = {
         "command": command,
@@ -229,6 +236,11 @@ def main() -> None:
         "runs": results,
     }
     publish(doc, out, json_file, args.readme)
+
+
+def strategy_list(text: str) -> list[str]:
+    """Strategies split on ';' if there is one (knobs use ','), else on ','."""
+    return text.split(";") if ";" in text else text.split(",")
 
 
 def quick_summary(results: list[dict[str, Any]], strategies: list[str]) -> None:
@@ -245,20 +257,26 @@ def quick_summary(results: list[dict[str, Any]], strategies: list[str]) -> None:
         if not runs:
             print(f"{name:14s} no successful run", file=sys.stderr)
             continue
-        line = f"{name:14s} n={len(runs)} wall {statistics.median(r['wall_s'] for r in runs):.3f} s"
+        line = f"{name:14s} n={len(runs)}"
+        walls = [r["wall_s"] for r in runs if "wall_s" in r]
+        if walls:
+            line += f" wall {statistics.median(walls):.3f} s"
         lags = [r["lag_p99_ms"] for r in runs if r.get("lag_p99_ms") is not None]
         if lags:
             worst = max(r["lag_max_ms"] for r in runs)
             line += f"  lag p99 {statistics.median(lags):.1f} ms (max {worst:.1f})"
-        if "first_tensor_ms" in runs[0]:
-            line += f"  first {statistics.median(r['first_tensor_ms'] for r in runs):.1f} ms"
+        extras = [("first_tensor_ms", " ms"), ("reload_speedup", "x"), ("cancel_latency_ms", " ms")]
+        for key, unit in extras:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                line += f"  {key} {statistics.median(values):.2f}{unit} (max {max(values):.2f})"
         print(line, file=sys.stderr)
     first = strategies[0]
     for other in strategies[1:]:
         pairs = [
             by[other][rep]["wall_s"] / by[first][rep]["wall_s"]
             for rep in by.get(first, {})
-            if rep in by.get(other, {})
+            if "wall_s" in by.get(other, {}).get(rep, {}) and "wall_s" in by[first][rep]
         ]
         if pairs:
             print(

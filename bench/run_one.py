@@ -3,6 +3,7 @@
     python bench/run_one.py STRATEGY MODEL_INFO_JSON
 
 ``MODEL_INFO_JSON`` is the ``<kind>-<tag>.json`` file `generate.py` wrote beside the store.
+``STRATEGY:knob=value,...`` sets `Limits` fields for the asyncweights strategies.
 ``STRATEGY@base`` runs the strategy with the asyncweights source tree named by the
 ``AW_BASE_SRC`` environment variable first on ``sys.path`` (an A/B against another commit).
 The line always has ``strategy`` and ``ok``; a failed run has ``error`` instead of figures.
@@ -26,6 +27,9 @@ def main() -> None:
     parser.add_argument("model_info", type=Path)
     args = parser.parse_args()
     name, _, variant = args.strategy.partition("@")
+    name, _, knobs = name.partition(":")
+    if knobs:  # e.g. aw_load:read_chunk=262144,workers=3 -> Limits(read_chunk=..., workers=3)
+        os.environ["AW_BENCH_LIMITS"] = knobs
     if name not in STRATEGIES or variant not in ("", "base"):
         parser.error(f"unknown strategy {args.strategy!r}")
     if variant:

@@ -184,18 +184,50 @@ def _aw_run(paths: ModelPaths, backend: str, body: Callable[[], Any]) -> Figures
     return out
 
 
+def _bench_limits() -> Any:
+    """`Limits` from ``AW_BENCH_LIMITS`` (``read_chunk=262144,workers=3``), else None."""
+    import asyncweights as aw
+
+    knobs = os.environ.get("AW_BENCH_LIMITS")
+    if not knobs:
+        return None
+    values: dict[str, Any] = {}
+    for item in knobs.split(","):
+        key, _, text = item.partition("=")
+        values[key] = None if text == "None" else text if key == "priority" else int(text)
+    return aw.Limits(**values)
+
+
 def aw_load(
     paths: ModelPaths, backend: str = "asyncio", verify: bool = False, throughput: bool = False
 ) -> Figures:
     import asyncweights as aw
 
-    limits = aw.Limits.throughput() if throughput else None
+    limits = aw.Limits.throughput() if throughput else _bench_limits()
 
     async def body() -> tuple[Figures, object]:
         w = await aw.load_weights(paths.name, store=paths.store, verify=verify, limits=limits)
         return {"tensors": len(w)}, w
 
     return _aw_run(paths, backend, body)
+
+
+def aw_reload(paths: ModelPaths) -> Figures:
+    """A load through `WeightCache`, eviction, and the same load again: the reload's time."""
+    import asyncweights as aw
+
+    async def body() -> tuple[Figures, object]:
+        async with aw.WeightCache(2 * paths.tensor_bytes, store=paths.store) as cache:
+            start = time.perf_counter()
+            async with cache.lease(paths.name):
+                first = time.perf_counter() - start
+            cache.evict()
+            start = time.perf_counter()
+            async with cache.lease(paths.name):
+                again = time.perf_counter() - start
+        return {"first_load_s": first, "reload_s": again, "reload_speedup": first / again}, None
+
+    return _aw_run(paths, "asyncio", body)
 
 
 def aw_stream(paths: ModelPaths, backend: str = "asyncio") -> Figures:
@@ -206,7 +238,8 @@ def aw_stream(paths: ModelPaths, backend: str = "asyncio") -> Figures:
         start = time.perf_counter()
         first = None
         count = 0
-        async with aw.stream_weights(paths.name, store=paths.store) as tensors:
+        limits = _bench_limits()
+        async with aw.stream_weights(paths.name, store=paths.store, limits=limits) as tensors:
             async for _ in tensors:
                 if first is None:
                     first = time.perf_counter() - start
@@ -427,6 +460,9 @@ STRATEGIES: dict[str, Strategy] = {
     ),
     "memcpy": Strategy(memcpy, "limit", "none", "np.copyto between pre-faulted buffers"),
     "sha256": Strategy(sha256, "limit", "none", "hashlib.sha256 of memory, one core"),
+    "aw_reload": Strategy(
+        aw_reload, "check", "blobs", "WeightCache: load, evict, load again (reload time)"
+    ),
     "aw_cancel": Strategy(aw_cancel, "check", "blobs", "cancel load_weights at 30% of bytes"),
     "aw_cancel_trio": Strategy(
         lambda p: aw_cancel(p, "trio"), "check", "blobs", "the same cancel under trio"
