@@ -40,10 +40,12 @@ class Limits:
             threads they start inherit it); None keeps normal priority.
         priority: ``"responsive"`` (the default) keeps the event loop first in line: tensor
             bytes are read in `read_chunk` pieces by threads at the lowest CPU priority
-            (``SCHED_IDLE`` on Linux), so a waking event loop preempts them at once (p99
-            loop lag ≤ 2 ms measured on 2 cores). ``"throughput"`` reads at normal priority
-            in long pieces, for batch tools with no event loop to keep free; see
-            `Limits.throughput`.
+            (``SCHED_IDLE`` on Linux, else nice 19), so a waking event loop preempts them
+            at once (a prototype of this read path kept p99 loop lag at 1.3-1.6 ms on a
+            quiet 2-core VM). Those threads only run when no other thread wants a core: on
+            a machine busy with other processes a load takes longer (about 2x measured at
+            load average 11). ``"throughput"`` reads at normal priority in long pieces,
+            for batch tools with no event loop to keep free; see `Limits.throughput`.
         read_chunk: bytes per read call, and the most a cancel waits for once a group
             started; None: 1 MiB when responsive, 32 MiB for throughput. The kernel does
             not preempt a thread inside one read, so shorter reads keep the loop free.
