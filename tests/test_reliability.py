@@ -9,6 +9,7 @@ file where they apply, and afterwards no blob file is open and no thread is load
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import subprocess
@@ -31,7 +32,7 @@ from asyncweights._manifest import CONFIG_MEDIA_TYPE, TENSOR_MEDIA_TYPE, Layer
 from asyncweights._manifest import Layer as ManifestLayer
 from asyncweights.testing import StoreBuilder, random_weights
 
-from .conftest import wait_quiet
+from .conftest import blob_fds, wait_quiet
 
 MODEL = "bad"
 U8 = "U8"
@@ -1158,13 +1159,20 @@ async def test_allocation_failure_is_a_resource_error(
         raise RuntimeError("[malloc] Unable to allocate 1099511627776 bytes.")
 
     monkeypatch.setattr(mx, "eval", failing_eval)
-    await fails(
+    exc = await fails(
         aw.BudgetError,
         store_root,
         "Unable to allocate",
         f"model {MODEL!r}",
         limits=aw.Limits(direct_read_bytes=0),
     )
+    # While the caller still holds the error, it must not hold the blob files: the cause's
+    # traceback (fill_arrays' frames, the virtual files in them) is cleared with the error's.
+    # Before that, the files stayed open until the error was collected, and the autouse
+    # check failed whenever a reader thread let go of it after the check's gc.collect().
+    gc.collect()
+    assert exc.__cause__ is not None
+    assert blob_fds(store_root) == []
 
 
 # ----------------------------------------------------------------- faults: budget, many files

@@ -684,8 +684,30 @@ def load_group(
         # The traceback keeps the frames below alive, and with them lazy arrays that hold
         # their blob files open: drop them so MLX closes the files now.
         loaded.clear()
-        traceback.clear_frames(exc.__traceback__)
+        clear_chain_frames(exc)
         raise
+
+
+def clear_chain_frames(exc: BaseException) -> None:
+    """Clear the finished frames of `exc`'s traceback and of every exception it chains.
+
+    A group's error is usually raised ``from`` the error MLX or a read raised deeper down
+    (``fill_arrays``, ``mx.eval``): that cause's traceback holds frames the error's own does
+    not, and their locals (the group's virtual files, lazy arrays) keep the blob files open
+    for as long as anyone holds the error, which a caller logging it, a future or an idle
+    worker thread may do. Frames still executing are skipped by ``traceback.clear_frames``.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += (current.__cause__, current.__context__)
+        if isinstance(current, BaseExceptionGroup):
+            pending += current.exceptions
 
 
 def _convert(tensor: PlannedTensor, array: mx.array, dtype: mx.Dtype | None) -> mx.array:
