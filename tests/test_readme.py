@@ -6,20 +6,35 @@ block is the size tag of the demo model's name (``512mib`` becomes ``2mib``). Ea
 alone in a fresh interpreter, with ``XDG_CACHE_HOME`` pointing at the demo store's cache, the
 way a reader would run it after pasting it into a file.
 
-A block that cannot run here must say so on the line before its fence:
-``<!-- readme-test: skip, REASON -->``; the reason is printed.
+Blocks about other models get them in the default store (``$OLLAMA_MODELS``) the way a reader
+would have them (`NEEDS`): the GGUF block finds ``llama3.2`` and ``llava`` GGUF models
+(written with llama.cpp's ``gguf`` package, as tests/test_gguf.py writes them); the pull block
+pulls ``z-image`` from Debian's docker-registry on a free 127.0.0.1 port (the one change made
+to it: that port's URL replaces ``http://127.0.0.1:5000``), into an empty store.
+
+A ``<!-- readme-test: skip, REASON -->`` line before a fence is still recognized (the block is
+skipped with its reason printed), but `test_every_block_runs_here` fails on it: give the block
+what it needs here instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from asyncweights.testing import StoreBuilder, random_weights
+
+from .registry_support import RealRegistry, registry_missing
+from .test_gguf import random_blocks, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -41,11 +56,36 @@ EXPECTED = {
         "self_attn.o_proj split on axis 1 holds",
         "embed_tokens held whole: True",
     ],
+    'aw.load_weights("llama3.2")': [
+        "Quantization(type='Q4_K', mode='affine', bits=4, group_size=32)\n",
+        "\nllama\n",
+        "['mm.0.weight'] clip\n",
+    ],
+    'registry = "http://127.0.0.1:5000"': [
+        "conv.0.weight (16, 16)\n",
+        "conv.2.weight (16, 16)\n",
+    ],
     "async def handle_request(": [
         "0 {'status': 'success', 'digest': 'asyncweights-demo:2mib'",
         "2 26 tensors",
         "CacheStats(loads=1, hits=3, joins=2, failures=0",
     ],
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a block needs beyond the demo store: environment, text replaced, output expected."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    replace: dict[str, str] = field(default_factory=dict)
+    expected: list[str] = field(default_factory=list)
+
+
+# Blocks that need other models, keyed by a line that identifies the block: their fixture.
+NEEDS = {
+    'aw.load_weights("llama3.2")': "gguf_models",
+    'registry = "http://127.0.0.1:5000"': "registry_model",
 }
 
 
@@ -88,6 +128,50 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    """A default store with GGUF models ``llama3.2`` (Q4_K + F32) and ``llava`` (+ a projector)."""
+    work = tmp_path_factory.mktemp("readme-gguf")
+    main = write_gguf(
+        work / "main.gguf",
+        {"blk.0.attn_q.weight": ("Q4_K", random_blocks("Q4_K", 2, 256)),
+         "output_norm.weight": ("F32", np.arange(4, dtype=np.float32))},
+    )  # fmt: skip
+    projector = write_gguf(
+        work / "projector.gguf", {"mm.0.weight": ("F16", np.ones((3, 4), np.float16))}, arch="clip"
+    )
+    builder = StoreBuilder(work / "models")
+    builder.add_gguf_model("llama3.2", weights=main)
+    builder.add_gguf_model("llava", weights=main, projector=projector)
+    return Setup(env={"OLLAMA_MODELS": str(builder.root)})
+
+
+@pytest.fixture(scope="module")
+def registry_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    """docker-registry on 127.0.0.1 serving ``library/z-image:latest``; an empty default store."""
+    reason = registry_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("readme-pull")
+    shapes: dict[str, tuple[int, ...]] = {
+        f"transformer/blocks.{i}.weight": (32, 64) for i in range(4)
+    }
+    shapes.update({f"vae/conv.{i}.weight": (16, 16) for i in range(3)})
+    built = StoreBuilder(work / "source").add_model(
+        "z-image",
+        random_weights(shapes, seed="readme"),
+        configs={"model_index.json": {"_class_name": "ZImagePipeline"}},
+    )
+    digest = "sha256:" + hashlib.sha256(built.path.read_bytes()).hexdigest()
+    with RealRegistry.start(work / "registry") as registry:
+        registry.push(work / "source", built.path, "library/z-image", "latest")
+        yield Setup(
+            env={"OLLAMA_MODELS": str(work / "models")},
+            replace={"http://127.0.0.1:5000": registry.url},
+            expected=[f"\n{digest}\n"],
+        )
+
+
 def test_readme_has_python_blocks_and_sections_in_order() -> None:
     blocks = readme_blocks()
     assert len(blocks) >= 2
@@ -108,23 +192,32 @@ def test_readme_has_python_blocks_and_sections_in_order() -> None:
 
 
 @pytest.mark.parametrize("block", readme_blocks(), ids=lambda b: f"line{b.line}")
-def test_readme_python_block_runs(block: Block, demo_cache: Path, tmp_path: Path) -> None:
+def test_readme_python_block_runs(
+    block: Block, demo_cache: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     if block.skip is not None:
         pytest.skip(f"README line {block.line}: {block.skip}")
+    needs = [fixture for key, fixture in NEEDS.items() if key in block.code]
+    setup = request.getfixturevalue(needs[0]) if needs else Setup()
     code = block.code.replace("asyncweights-demo:512mib", f"asyncweights-demo:{TAG}")
+    for old, new in setup.replace.items():
+        assert old in code, old
+        code = code.replace(old, new)
     script = tmp_path / "block.py"
     script.write_text(code, encoding="utf-8")
     result = subprocess.run(
         [sys.executable, str(script)],
         capture_output=True,
         text=True,
-        env=environ(demo_cache),
+        env={**environ(demo_cache), **setup.env},
         cwd=tmp_path,
         timeout=120,
     )
     assert result.returncode == 0, f"README line {block.line}:\n{result.stderr}"
     assert "Traceback" not in result.stderr
     expected = [out for key, outs in EXPECTED.items() if key in block.code for out in outs]
+    for fragment in setup.expected:
+        expected.append(fragment)
     for fragment in expected:
         assert fragment in result.stdout, (fragment, result.stdout)
 
@@ -133,3 +226,9 @@ def test_every_expected_output_belongs_to_a_block() -> None:
     # A block renamed in the README must not leave its expectations silently unchecked.
     codes = [b.code for b in readme_blocks()]
     assert all(any(key in code for code in codes) for key in EXPECTED)
+    assert all(any(key in code for code in codes) for key in NEEDS)
+
+
+def test_every_block_runs_here() -> None:
+    # A skipped block is an unchecked one: every block now runs (its models are built here).
+    assert [(b.line, b.skip) for b in readme_blocks() if b.skip is not None] == []
