@@ -79,6 +79,35 @@ def test_ls_lists_models(store: Path, tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+def test_ls_of_an_empty_or_missing_store_names_the_store(tmp_path: Path) -> None:
+    # The default store of a machine without Ollama does not exist: an empty table alone
+    # did not say which store was looked at.
+    home = tmp_path / "home"
+    home.mkdir()
+    missing = cli("ls", tmp=tmp_path, env={"HOME": str(home)})
+    assert (missing.returncode, missing.stderr) == (0, "")
+    root = home / ".ollama" / "models"
+    assert missing.stdout == f"no models in store '{root}' (no such directory)\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    listed = cli("ls", "--store", str(empty), tmp=tmp_path)
+    assert (listed.returncode, listed.stdout) == (0, f"no models in store '{empty}'\n")
+    assert ok_json(cli("ls", "--store", str(empty), "--json", tmp=tmp_path)) == {
+        "store": str(empty),
+        "models": [],
+    }
+
+
+def test_demo_help_says_where_the_demo_store_is(tmp_path: Path) -> None:
+    text = " ".join(cli("demo", "--help", tmp=tmp_path).stdout.split())
+    assert "--store DIR where to write and load the demo models (default: a store under the" \
+        " user cache directory, $XDG_CACHE_HOME/asyncweights/demo or" \
+        " ~/.cache/asyncweights/demo)" in text  # fmt: skip
+    assert "~/.ollama/models" not in text
+    ls = " ".join(cli("ls", "--help", tmp=tmp_path).stdout.split())
+    assert "--store DIR models root (default: $OLLAMA_MODELS or ~/.ollama/models)" in ls
+
+
 def test_show_reports_quantization_parameters_and_dtypes(store: Path, tmp_path: Path) -> None:
     data = ok_json(cli("show", "toy:int4", "--store", str(store), "--json", tmp=tmp_path))
     params = sum(int(np.prod(s)) for s in SHAPES.values())
@@ -255,6 +284,16 @@ def test_version() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"asyncweights {aw.__version__}\n"
+
+
+def test_readme_command_line_lists_every_command() -> None:
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```\n", 2)[1]
+    listed = [line.split()[1] for line in block.splitlines() if line.startswith("asyncweights ")]
+    assert sorted(set(listed) - {"--version"}) == sorted(commands.choices)
 
 
 def test_every_argument_of_every_command_has_help() -> None:

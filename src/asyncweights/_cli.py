@@ -394,7 +394,13 @@ async def cmd_ls(args: argparse.Namespace, out: Output) -> Result:
             _STORED.get(r.get("layout") or "", "-"), _details(r),
         ])  # fmt: skip
     data = {"store": str(store.root), "models": rows}
-    return Result(data, _table(table), status=1 if unlisted else 0, errors=unlisted)
+    lines = _table(table)
+    if not rows and not unlisted:
+        # Say which store was looked at: an empty table alone does not tell a new user that
+        # the default store is ~/.ollama/models, nor that it does not exist.
+        missing = "" if store.root.is_dir() else " (no such directory)"
+        lines = [f"no models in store '{store.root}'{missing}"]
+    return Result(data, lines, status=1 if unlisted else 0, errors=unlisted)
 
 
 async def cmd_show(args: argparse.Namespace, out: Output) -> Result:
@@ -994,11 +1000,10 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(store_help: str) -> argparse.ArgumentParser:
+    """The options every command takes; `store_help` says where its --store defaults to."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--store", metavar="DIR", help="models root (default: $OLLAMA_MODELS or ~/.ollama/models)"
-    )
+    common.add_argument("--store", metavar="DIR", help=store_help)
     common.add_argument("--json", action="store_true", help="print the result as JSON")
     common.add_argument(
         "--runner",
@@ -1011,6 +1016,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="show a progress bar (default: when on a terminal)",
     )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options("models root (default: $OLLAMA_MODELS or ~/.ollama/models)")
     parser = argparse.ArgumentParser(
         prog="asyncweights",
         description="Load, inspect, verify and import Ollama-style MLX weight stores.",
@@ -1022,7 +1032,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        parents=[common],
+        parents=[
+            _common_options(
+                "where to write and load the demo models (default: a store under the user"
+                " cache directory, $XDG_CACHE_HOME/asyncweights/demo or"
+                " ~/.cache/asyncweights/demo)"
+            )
+        ],
         help="generate a demo model and load it",
         description="Generate (once) a synthetic image-generation model of about --size bytes"
         " and its int4 variant, then load both with progress bars. The models are written to"
