@@ -34,15 +34,21 @@ def test_parse_accepts_ollama_names(name: str, parts: tuple[str, str, str, str])
     assert aw.ModelName.parse(name).parts == parts
 
 
+PATH_HINT = "; a str is a model name, never a path (give a manifest file as a pathlib.Path)"
+
+
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
         ("", "empty model"),
         ("model:", "empty tag"),
-        ("/model", "empty namespace"),
+        ("/model", "empty namespace" + PATH_HINT),
         ("ns/", "empty model"),
         ("a/b/c/d", "bad character in host 'a/b'"),  # 4 parts leave a '/' in the host
-        ("../../etc/passwd", "bad character in host '../..'"),
+        ("../../etc/passwd", "bad character in host '../..'" + PATH_HINT),
+        ("/etc/passwd", "empty host" + PATH_HINT),
+        ("~root/.bashrc", "bad character in namespace '~root'" + PATH_HINT),
+        ("./m", "bad character in namespace '.'" + PATH_HINT),
         ("..", "bad character in model '..'"),
         ("ns/..:x", "bad character in model '..'"),
         ("my.ns/model", "bad character in namespace 'my.ns'"),

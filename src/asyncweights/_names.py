@@ -34,6 +34,10 @@ _DIGEST = re.compile(DIGEST_PATTERN)
 _FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 _LATER = _FIRST | frozenset("-_")
 _LIMITS = {"host": 350, "namespace": 80, "model": 80, "tag": 80}
+# How a rejected name that was meant as a file path is told so: the CLI's rule for a MODEL
+# argument that is a manifest path (no model name can start so).
+_PATH_STARTS = ("/", "./", "../", "~")
+_PATH_HINT = "; a str is a model name, never a path (give a manifest file as a pathlib.Path)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +88,14 @@ class ModelName:
         return parsed
 
     def _validate(self, original: str) -> None:
+        hint = _PATH_HINT if original.startswith(_PATH_STARTS) else ""
         for part in ("host", "namespace", "model", "tag"):
             value: str = getattr(self, part)
             if value == _MISSING:
-                raise InvalidNameError(f"invalid model name: empty {part}", model=original)
+                raise InvalidNameError(f"invalid model name: empty {part}{hint}", model=original)
             if not 1 <= len(value) <= _LIMITS[part]:
                 raise InvalidNameError(
-                    f"invalid model name: {part} longer than {_LIMITS[part]} characters",
+                    f"invalid model name: {part} longer than {_LIMITS[part]} characters{hint}",
                     model=original,
                 )
             allowed = _LATER
@@ -100,7 +105,8 @@ class ModelName:
                 allowed = allowed | {":"}
             if value[0] not in _FIRST or any(c not in allowed for c in value):
                 raise InvalidNameError(
-                    f"invalid model name: bad character in {part} {value!r}", model=original
+                    f"invalid model name: bad character in {part} {value!r}{hint}",
+                    model=original,
                 )
 
     @property
