@@ -7,6 +7,7 @@ byte-for-byte against the source store, and the store layout against Ollama 0.40
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -23,7 +24,7 @@ import mlx.core as mx
 import pytest
 
 import asyncweights as aw
-from asyncweights._pull import partial_path
+from asyncweights._pull import PARTIAL_MAX_AGE, partial_path, sweep_partials
 from asyncweights.testing import BuiltModel, StoreBuilder, random_weights
 
 from .conftest import blob_fds, wait_quiet
@@ -754,3 +755,166 @@ def test_server_pull_streams_ollama_progress(
         }
         assert 0 <= event["completed"] <= sizes[digest]
     assert_layout(store, root, built, "img")
+
+
+# ------------------------------------------------------------------------- partials, kill -9
+
+_HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes stdin
+"""
+
+
+@contextlib.contextmanager
+def _lock_held_by_another_process(path: Path) -> Iterator[None]:
+    """A child process holds `path`'s flock for the block; it exits (and is reaped) after."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=10)
+        finally:
+            holder.kill()  # nothing once it exited
+            holder.wait(timeout=10)
+            holder.stdout.close()
+    assert holder.returncode == 0
+
+
+def _partial(blobs: Path, tag: str, age: float) -> Path:
+    path = blobs / f".sha256-{hashlib.sha256(tag.encode()).hexdigest()}.partial"
+    path.write_bytes(tag.encode() * 100)
+    stamp = time.time() - age
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+async def test_pull_sweeps_dead_old_partials_and_never_a_locked_or_young_one(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    store = tmp_path / "store"
+    blobs = store / "blobs"
+    blobs.mkdir(parents=True)
+    old = PARTIAL_MAX_AGE + 60
+    dead = _partial(blobs, "dead", old)
+    live = _partial(blobs, "live", old)  # old too, but its writer still holds the lock
+    young = _partial(blobs, "young", PARTIAL_MAX_AGE - 60)  # resumable: kept
+    other = blobs / ".sha256-foreign.tmp"  # not ours: never touched
+    other.write_bytes(b"x")
+    os.utime(other, (time.time() - old, time.time() - old))
+    with _lock_held_by_another_process(live):
+        await aw.pull("img", store=store, registry=registry.url)
+        assert not dead.exists()
+        assert live.read_bytes() == b"live" * 100
+        assert young.read_bytes() == b"young" * 100
+        assert other.read_bytes() == b"x"
+    # The holder is gone, so its lock is: the next pull sweeps that partial too.
+    await aw.pull("img", store=store, registry=registry.url)
+    assert not live.exists()
+    assert young.exists()
+    young.unlink()
+    other.unlink()
+    assert_layout(store, root, models["img"], "img")
+
+
+def test_sweep_leaves_a_partial_resumed_meanwhile(tmp_path: Path) -> None:
+    """The age is checked again under the lock: a partial written since the listing stays."""
+    old = _partial(tmp_path, "old", PARTIAL_MAX_AGE + 60)
+    resumed = _partial(tmp_path, "resumed", PARTIAL_MAX_AGE + 60)
+    fd = os.open(resumed, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"more", 500)  # a write updates st_mtime: no longer dead
+    finally:
+        os.close(fd)
+    assert sweep_partials(tmp_path, PARTIAL_MAX_AGE) == [old.name]
+    assert resumed.exists()
+    assert sweep_partials(tmp_path / "absent", PARTIAL_MAX_AGE) == []
+
+
+_PULL_ONE_AT_A_TIME = """
+import functools, sys
+import anyio
+import asyncweights as aw
+store, registry = sys.argv[1], sys.argv[2]
+limits = aw.Limits(pull_streams=1)
+anyio.run(functools.partial(aw.pull, "slow", store=store, registry=registry, limits=limits))
+"""
+
+
+def _kill_mid_blob(store: Path, registry: str, digests: set[str]) -> tuple[str, int]:
+    """Pull in a child process, SIGKILL it once a blob is part-written; the blob and bytes."""
+    blobs = store / "blobs"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PULL_ONE_AT_A_TIME, str(store), registry],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert child.poll() is None, child.communicate(timeout=10)[1][-2000:]
+            assert time.monotonic() < deadline, "the child pull wrote no partial in 60 s"
+            partials = list(blobs.glob(".sha256-*.partial")) if blobs.exists() else []
+            sizes = {p: p.stat().st_size for p in partials if p.exists()}
+            started = [p for p, n in sizes.items() if n >= 8 * KiB]
+            if started:
+                child.kill()  # SIGKILL: no handler, no cleanup, the lock dies with it
+                break
+            time.sleep(0.005)
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        assert child.stderr is not None
+        child.stderr.close()
+    assert child.returncode == -9
+    (partial,) = started
+    digest = partial.name[1 : -len(".partial")].replace("-", ":")
+    assert digest in digests
+    return digest, partial.stat().st_size
+
+
+async def test_pull_killed_mid_blob_resumes_with_range_bit_exact(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    built = models["slow"]
+    registry.chunk = 2 * KiB
+    registry.delay = 0.01  # a 32 KiB blob takes about 160 ms: the kill lands inside one
+    store = tmp_path / "store"
+    digests = {layer.digest for layer in [built.config, *built.layers]}
+    digest, kept = await anyio.to_thread.run_sync(_kill_mid_blob, store, registry.url, digests)
+    assert 8 * KiB <= kept < len(registry.blobs[digest])
+    # Only verified blobs have a final name; the killed one is a partial, nothing else.
+    for path in (store / "blobs").iterdir():
+        if path.name.startswith("."):
+            assert path.name == f".{digest.replace(':', '-')}.partial"
+        else:
+            assert path.read_bytes() == (root / "blobs" / path.name).read_bytes()
+    assert not (store / "blobs" / digest.replace(":", "-")).exists()
+    assert not (store / "manifests-v2").exists()
+    before = len(registry.requests)
+    registry.delay = 0.0
+    weights = await aw.load_weights("slow", store=store, pull=True, registry=registry.url)
+    assert_same(weights, built.expected)
+    assert_layout(store, root, built, "slow")
+    ranges = [h.get("range") for _, p, h in registry.requests[before:] if p.endswith(digest)]
+    assert ranges == [f"bytes={kept}-"]

@@ -9,9 +9,15 @@ A blob is downloaded into ``blobs/.sha256-<hex>.partial`` (a name neither Ollama
 reads: Ollama resumes from its own ``.tmp``/``-partial`` names), under an exclusive ``flock``
 so two pulls never write one file. Only bytes whose size and SHA-256 match the digest are
 renamed to ``sha256-<hex>``; wrong bytes delete the partial. A pull that is cancelled or
-loses its connection keeps the partial, and the next attempt (or the next pull) rehashes it
-and asks for the rest with ``Range``. Blobs already present with the manifest's size are
-trusted, as Ollama trusts them (``x/transfer``), or rehashed with ``verify=True``.
+loses its connection, or whose process is killed, keeps the partial, and the next attempt
+(or the next pull) rehashes it and asks for the rest with ``Range``. Blobs already present
+with the manifest's size are trusted, as Ollama trusts them (``x/transfer``), or rehashed
+with ``verify=True``.
+
+Every pull starts by sweeping the partials that are provably dead: no process holds their
+lock (the kernel drops a ``flock`` when its holder exits, ``kill -9`` included) and they were
+last written more than `PARTIAL_MAX_AGE` seconds ago. A younger unlocked partial is kept for
+a resume; a locked one is never touched.
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ MiB = 1 << 20
 #: Bytes rehashed per read when a partial download is resumed.
 _CHUNK = 1 * MiB
 _PARTIAL_SUFFIX = ".partial"
+#: Seconds since its last write after which an unlocked partial is deleted by the next pull
+#: (one day: long enough to resume an interrupted pull, short enough not to hoard disk).
+PARTIAL_MAX_AGE = 24 * 3600.0
 
 
 def partial_path(store: ModelStore, digest: str) -> Path:
@@ -164,6 +173,7 @@ class PullSession:
 
     async def fetch_manifest(self) -> Manifest:
         self._emit(None, force=True)
+        await anyio.to_thread.run_sync(sweep_partials, self.store.blobs_dir, PARTIAL_MAX_AGE)
         remote = await self.client.manifest(self.repository, self.name.tag)
         manifest = decode_manifest(remote.data, model=self.label)
         self.remote, self.manifest = remote, manifest
@@ -229,10 +239,8 @@ class PullSession:
         partial = partial_path(self.store, layer.digest)
         try:
             await anyio.Path(self.store.blobs_dir).mkdir(parents=True, exist_ok=True)
-            fd = await anyio.to_thread.run_sync(_open_locked, partial)
-            if fd is None:  # another pull writes this blob: wait for it to land
-                await self._await_other(layer, final)
-            else:
+            fd = await self._lock_or_await(layer, partial, final)
+            if fd is not None:
                 try:
                     await self._stream_into(fd, layer, partial, final)
                 finally:
@@ -252,10 +260,37 @@ class PullSession:
         self._committed.set()
         self._committed = anyio.Event()
 
-    async def _await_other(self, layer: Layer, final: Path) -> None:
+    async def _lock_or_await(self, layer: Layer, partial: Path, final: Path) -> int | None:
+        """The partial's fd under its lock, or None once another process committed the blob.
+
+        While another process holds the lock this polls: the blob landing ends the wait; the
+        lock coming free (its holder cancelled, failed or was killed) hands the download,
+        and the bytes already written, to this pull.
+        """
         limits = self.limits
         deadline = time.monotonic() + limits.registry_timeout * (limits.registry_retries + 1)
-        while not await anyio.to_thread.run_sync(_has_size, final, layer.size):
+        waited = False
+        while True:
+            fd = await anyio.to_thread.run_sync(_open_locked, partial)
+            # A blob already in place was checked by `_present` (by size, or rehashed with
+            # `verify`); only one that lands while another process holds the lock is new.
+            try:
+                landed = waited and await anyio.to_thread.run_sync(_has_size, final, layer.size)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+            if fd is not None and landed:  # its writer committed it and let go meanwhile
+                try:
+                    await anyio.to_thread.run_sync(_discard, fd, partial)
+                finally:
+                    os.close(fd)
+            elif fd is not None:
+                return fd
+            if landed:
+                self._advance(layer.digest, layer.size)
+                return None
+            waited = True
             if time.monotonic() > deadline:
                 raise RegistryError(
                     "another pull holds this blob and has not finished it",
@@ -265,7 +300,6 @@ class PullSession:
                     digest=layer.digest,
                 )
             await anyio.sleep(0.05)
-        self._advance(layer.digest, layer.size)
 
     async def _stream_into(self, fd: int, layer: Layer, partial: Path, final: Path) -> None:
         size, digest = layer.size, layer.digest
@@ -380,17 +414,70 @@ def _blobs(manifest: Manifest) -> list[Layer]:
 
 
 def _open_locked(path: Path) -> int | None:
-    """Open (create) the partial file under an exclusive lock; None if another pull holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    """Open (create) the partial file under an exclusive lock; None if another process holds it.
+
+    The lock is taken on an open file, so the file may have been deleted (a sweep, a
+    digest mismatch) or committed between the open and the lock: then it is opened again.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+
+
+def sweep_partials(blobs_dir: Path, max_age: float) -> list[str]:
+    """Delete the dead partials in `blobs_dir`: unlocked and last written `max_age` s ago.
+
+    Each candidate is locked (non-blocking) before it is checked and deleted, so a pull
+    writing it (which holds the lock) is never disturbed, and a pull that opens it meanwhile
+    sees the lock taken and tries again (`_open_locked` checks that the file it locked is
+    still the one named). Returns the names deleted; errors are ignored (best effort).
+    """
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        names = [n for n in os.listdir(blobs_dir) if n.endswith(_PARTIAL_SUFFIX)]
+    except OSError:
+        return []
+    swept = []
+    now = time.time()
+    for name in names:
+        if not (name.startswith(".sha256-") and name.endswith(_PARTIAL_SUFFIX)):
+            continue
+        path = blobs_dir / name
+        try:
+            if now - path.stat().st_mtime <= max_age:
+                continue
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Checked again under the lock: the file may have been resumed meanwhile.
+            if now - os.fstat(fd).st_mtime > max_age and _same_file(fd, path):
+                path.unlink()
+                swept.append(name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # releases the lock
+    return swept
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (not deleted or replaced)."""
+    try:
+        st, named = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _has_size(path: Path, size: int) -> bool:
