@@ -34,17 +34,18 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
         OPENED.append(args[0])
 
 
-class _MLP(nn.Module):
+class _MLP(nn.Module):  # type: ignore[misc]  # mlx.nn ships no type information: Module is Any
     def __init__(self, dims: int, hidden: int, group: mx.distributed.Group) -> None:
         super().__init__()
         self.up_proj = nn.AllToShardedLinear(dims, hidden, bias=True, group=group)
         self.down_proj = nn.ShardedToAllLinear(hidden, dims, bias=True, group=group)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu(self.up_proj(x)))
+        y: mx.array = self.down_proj(nn.gelu(self.up_proj(x)))
+        return y
 
 
-class _Root(nn.Module):
+class _Root(nn.Module):  # type: ignore[misc]  # mlx.nn ships no type information: Module is Any
     def __init__(self, dims: int, hidden: int, group: mx.distributed.Group) -> None:
         super().__init__()
         self.mlp = _MLP(dims, hidden, group)

@@ -41,7 +41,10 @@ async def test_nvfp4_global_scale_keeps_float32_and_dequantizes_exactly(
     builder: StoreBuilder, store_root: Path, global_shape: tuple[int, ...]
 ) -> None:
     w = random_array((64, 128), mx.float32, seed="nvfp4")
-    wq, scales = mx.quantize(w, group_size=16, bits=4, mode="nvfp4")
+    # MLX's stubs promise (wq, scales, biases); nvfp4 returns no biases.
+    quantized = mx.quantize(w, group_size=16, bits=4, mode="nvfp4")
+    assert len(quantized) == 2
+    wq, scales = quantized[0], quantized[1]
     global_scale = mx.full(global_shape, GLOBAL_SCALE, dtype=mx.float32)
     layer = builder.add_blob(
         "l.weight",
@@ -129,14 +132,15 @@ async def test_per_tensor_keys_beside_blob_wide_keys_in_a_go_written_blob(
         assert mx.array_equal(back, ref).item(), name
 
 
-class Block(nn.Module):
+class Block(nn.Module):  # type: ignore[misc]  # mlx.nn ships no type information: Module is Any
     def __init__(self) -> None:
         super().__init__()
         self.proj = nn.Linear(128, 64)
         self.out = nn.Linear(64, 32)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.out(nn.gelu(self.proj(x)))
+        y: mx.array = self.out(nn.gelu(self.proj(x)))
+        return y
 
 
 async def test_mlx_nn_model_loads_from_the_store_in_one_call(
@@ -179,4 +183,6 @@ async def test_mlx_nn_model_loads_from_the_store_in_one_call(
 def _flatten(tree: object, prefix: str = "") -> list[tuple[str, mx.array]]:
     from mlx.utils import tree_flatten
 
-    return [(prefix + k, v) for k, v in tree_flatten(tree)]
+    flat = tree_flatten(tree)
+    assert isinstance(flat, list)  # a dict only when a dict destination is passed
+    return [(prefix + k, v) for k, v in flat]

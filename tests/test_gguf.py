@@ -220,7 +220,7 @@ async def test_unsupported_types_refused_by_name_before_any_read(
     tmp_path: Path, store_root: Path, qtype: str
 ) -> None:
     block, size = gguf.GGML_QUANT_SIZES[Q[qtype]]
-    tensors = {
+    tensors: dict[str, tuple[str, np.ndarray]] = {
         "a.weight": ("F32", np.ones((2, 4), np.float32)),
         "blk.3.ffn_up.weight": (qtype, np.zeros((2, 256 // block * size), np.uint8)),
     }

@@ -37,7 +37,7 @@ def _tensors(seed: int, names: list[str]) -> dict[str, np.ndarray]:
 def _shard(folder: Path, family: str, tensors: dict[str, np.ndarray], parts: int) -> None:
     """Save `tensors` as `parts` shards plus the index, as save_pretrained names them."""
     names = sorted(tensors)
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i in range(parts):
         shard = f"{family}-{i + 1:05d}-of-{parts:05d}.safetensors"
         chunk = {n: tensors[n] for n in names[i::parts]}
@@ -274,7 +274,7 @@ async def test_hf_folder_loads_model_safetensors_like_transformers(tmp_path: Pat
 # ------------------------------------------------------------------------------ mlx-lm
 
 
-class Block(nn.Module):
+class Block(nn.Module):  # type: ignore[misc]  # mlx.nn ships no type information: Module is Any
     def __init__(self) -> None:
         super().__init__()
         self.q_proj = nn.Linear(128, 64, bias=True)
@@ -283,7 +283,7 @@ class Block(nn.Module):
         self.norm = nn.RMSNorm(128)
 
 
-class Toy(nn.Module):
+class Toy(nn.Module):  # type: ignore[misc]  # mlx.nn ships no type information: Module is Any
     def __init__(self) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(32, 128)
@@ -291,7 +291,7 @@ class Toy(nn.Module):
         self.lm_head = nn.Linear(128, 32, bias=False)
 
 
-MLX_CASES = {
+MLX_CASES: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
     # name: (global block, per-module overrides given to nn.quantize and written to config)
     "int4-g64": ({"group_size": 64, "bits": 4}, {"layers.0.q_proj": {"group_size": 32, "bits": 8}}),
     "int8-g32": ({"group_size": 32, "bits": 8}, {"lm_head": {"group_size": 128, "bits": 4}}),
@@ -322,7 +322,7 @@ def write_mlx_lm(root: Path, case: str, shards: int = 1) -> Toy:
         mx.save_safetensors(str(root / "model.safetensors"), weights, metadata={"format": "mlx"})
     else:  # mlx-lm's save_model: model-0000i-of-0000n.safetensors plus the index
         names = sorted(weights)
-        weight_map = {}
+        weight_map: dict[str, str] = {}
         for i in range(shards):
             shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
             part = {n: weights[n] for n in names[i::shards]}

@@ -52,7 +52,9 @@ def assert_exact(weights: aw.Weights, built: BuiltModel) -> None:
     assert sorted(weights) == sorted(built.expected)
     for name, array in built.expected.items():
         assert weights[name].dtype == array.dtype, name
-        assert bytes(memoryview(weights[name])) == bytes(memoryview(array)), name
+        # MLX's 3.11 wheel's stubs do not declare mx.array's buffer protocol (its 3.12+ ones do).
+        expected = bytes(memoryview(array))  # type: ignore[arg-type, unused-ignore]
+        assert bytes(memoryview(weights[name])) == expected, name  # type: ignore[arg-type, unused-ignore]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -262,12 +264,9 @@ async def test_models_that_cannot_load_say_what_they_are(
         builder.lay_out("x:latest", layout)
     model = await aw.ModelStore(store_root).open("x")
     assert model.kind == kind
-    for load in (
-        lambda: aw.load_weights("x", store=store_root),
-        lambda: aw.load_weights("x", "transformer", store=store_root),
-    ):
+    for component in (None, "transformer"):
         with pytest.raises(aw.UnsupportedModelError) as caught:
-            await load()
+            await aw.load_weights("x", component, store=store_root)
         assert caught.value.kind == kind
         assert str(caught.value).startswith(message), str(caught.value)
         assert "no component" not in str(caught.value)

@@ -76,8 +76,8 @@ def _run_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> list[str]:
                 p.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.communicate(timeout=10)
-    for p, out in zip(procs, outputs, strict=False):
-        assert p.returncode == 0, f"rank exited {p.returncode}:\n{out[-4000:]}"
+    for p, text in zip(procs, outputs, strict=False):
+        assert p.returncode == 0, f"rank exited {p.returncode}:\n{text[-4000:]}"
     return outputs
 
 
