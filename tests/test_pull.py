@@ -151,6 +151,30 @@ async def test_pull_from_docker_registry_then_load_bit_exact(
     assert (events[-1].completed_bytes, events[-1].total_bytes) == (total, total)
 
 
+async def test_https_to_a_plain_http_registry_fails_at_once_and_says_how_to_fix_it(
+    real_registry: RealRegistry, tmp_path: Path
+) -> None:
+    # A registry named without a scheme gets https://; docker-registry here speaks plain
+    # HTTP. The handshake fails the same way every time: one attempt, and the message says
+    # how to name a plain-HTTP registry (it said "request failed after 6 attempts:
+    # ConnectError: [SSL: WRONG_VERSION_NUMBER] ...").
+    store = tmp_path / "store"
+    host = real_registry.url.removeprefix("http://")
+    with pytest.raises(aw.RegistryError) as info:
+        await aw.pull("img", store=store, registry=host)
+    exc = info.value
+    assert type(exc) is aw.RegistryError
+    message = str(exc)
+    assert message.startswith("TLS handshake failed: [SSL: WRONG_VERSION_NUMBER]"), message
+    assert "a registry that speaks plain HTTP is given as http://host:port" in message
+    assert "(or insecure=True, CLI --insecure)" in message
+    assert f"registry https://{host}" in message
+    assert "attempts" not in message
+    assert not (store / "manifests").exists()
+    model = await aw.pull("img", store=store, registry=host, insecure=True)
+    assert model.label == "img"
+
+
 async def test_pull_quantized_model_from_docker_registry(
     real_registry: RealRegistry, source: tuple[Path, dict[str, BuiltModel]], tmp_path: Path
 ) -> None:

@@ -28,6 +28,7 @@ import hashlib
 import platform
 import random
 import re
+import ssl
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -85,6 +86,19 @@ _json_decoder = msgspec.json.Decoder()
 
 def _user_agent() -> str:
     return f"asyncweights/{__version__} ({platform.machine()} {sys.platform})"
+
+
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The `ssl.SSLError` under an httpx transport error (httpx chains httpcore's, which
+    chains the ``ssl`` module's), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def registry_url(host: str, scheme: str, registry: str | None, *, insecure: bool) -> str:
@@ -212,6 +226,17 @@ class RegistryClient:
             try:
                 response = await self._client.send(request, stream=True)
             except httpx.TransportError as exc:
+                tls = _tls_error(exc)
+                if tls is not None:
+                    # A handshake that failed fails again: no retry. The usual cause is a
+                    # plain-HTTP registry named without a scheme (https:// is the default).
+                    raise self._error(
+                        RegistryError,
+                        f"TLS handshake failed: {tls}; a registry that speaks plain HTTP is"
+                        " given as http://host:port (or insecure=True, CLI --insecure)",
+                        repository,
+                        digest=digest,
+                    ) from exc
                 if attempt >= self.retries:
                     raise self._error(
                         RegistryError,
