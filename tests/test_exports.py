@@ -4,8 +4,9 @@ where each public name says it lives."""
 from __future__ import annotations
 
 import inspect
-import sys
 import typing
+
+import mlx.core as mx
 
 import asyncweights as aw
 import asyncweights.testing as testing
@@ -131,8 +132,44 @@ def test_what_public_functions_take_and_return_is_exported() -> None:
     entries = typing.get_type_hints(aw.WeightCache.entries)["return"]
     assert stats is aw.CacheStats
     assert typing.get_args(entries) == (aw.CacheEntry,)
-    # Classes: their annotations are resolved in the module that defines them.
-    defined_in = vars(sys.modules["asyncweights._cache"])
-    assert typing.get_type_hints(aw.CacheEntry, globalns=defined_in)["key"] is aw.CacheKey
+    assert typing.get_type_hints(aw.CacheEntry)["key"] is aw.CacheKey
     hints = typing.get_type_hints(aw.load_weights)
     assert hints["on_progress"] == aw.ProgressCallback | None
+
+
+def _public_callables() -> list[tuple[str, object]]:
+    """Every public class and function of `aw`, and every function defined in those classes
+    (methods, properties' getters, static and class methods)."""
+    found: list[tuple[str, object]] = []
+    for name in aw.__all__:
+        obj = getattr(aw, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue  # a type alias such as ProgressCallback
+        found.append((name, obj))
+        if inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                if isinstance(member, property):
+                    member = member.fget
+                elif isinstance(member, (staticmethod, classmethod)):
+                    member = member.__func__
+                if inspect.isfunction(member):
+                    found.append((f"{name}.{attr}", member))
+    return found
+
+
+def test_get_type_hints_resolves_every_public_class_and_function() -> None:
+    # Public classes say they live in `asyncweights`; typing.get_type_hints resolves a
+    # class's annotations in that module, a function's in the module that defines it.
+    failed = {}
+    for name, obj in _public_callables():
+        try:
+            typing.get_type_hints(obj, include_extras=True)
+        except Exception as exc:
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    assert failed == {}
+    checked = dict(_public_callables())
+    assert {"CacheEntry", "TensorInfo", "Weights.dequantize", "check_shards"} <= set(checked)
+    hints = typing.get_type_hints(aw.TensorInfo)
+    assert hints["dtype"] is mx.Dtype
+    assert hints["quantization"] == aw.Quantization | None
+    assert typing.get_type_hints(aw.check_shards)["weights"] is aw.Weights

@@ -6,6 +6,8 @@ weights = await aw.load_weights("z-image", "transformer")
 
 from __future__ import annotations
 
+import typing as _typing
+
 from ._cache import CacheEntry as CacheEntry
 from ._cache import CacheKey as CacheKey
 from ._cache import CacheStats as CacheStats
@@ -126,5 +128,11 @@ __all__ = [
 for _name in __all__:
     _obj = globals()[_name]
     if getattr(_obj, "__module__", "").startswith("asyncweights."):
+        if isinstance(_obj, type) and "__annotations__" in vars(_obj):
+            # typing.get_type_hints resolves a class's string annotations in the module its
+            # __module__ names: resolve them now, in the module that defines them, so that
+            # they still resolve once the class says it lives in the package.
+            _hints = _typing.get_type_hints(_obj, include_extras=True)
+            _obj.__annotations__ = {k: _hints[k] for k in vars(_obj)["__annotations__"]}
         _obj.__module__ = "asyncweights"
-del _name, _obj
+del _name, _obj, _hints, _typing

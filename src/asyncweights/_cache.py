@@ -20,11 +20,13 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from types import TracebackType
+from typing import Literal
 
 import anyio
 import anyio.to_thread
 import mlx.core as mx
+from anyio.abc import TaskGroup
 
 from ._errors import (
     AsyncWeightsError,
@@ -42,13 +44,7 @@ from ._progress import Progress, ProgressCallback
 from ._pull import pull as pull_model
 from ._shard import Shard
 from ._store import Model, ModelStore
-
-if TYPE_CHECKING:
-    from types import TracebackType
-
-    from anyio.abc import TaskGroup
-
-    from ._weights import Weights
+from ._weights import Weights
 
 __all__ = ["CacheEntry", "CacheKey", "CacheStats", "WeightCache"]
 

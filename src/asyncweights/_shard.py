@@ -26,7 +26,7 @@ import hashlib
 import itertools
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import msgspec
 
@@ -36,10 +36,7 @@ from ._limits import Limits
 from ._plan import Plan, group_blobs
 from ._read import files_per_group
 from ._store import Model
-from ._weights import ShardSlice
-
-if TYPE_CHECKING:
-    from ._weights import Weights
+from ._weights import ShardSlice, Weights
 
 __all__ = ["DEFAULT_RULES", "Shard", "ShardSlice", "Sharding", "check_shards"]
 

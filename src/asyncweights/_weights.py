@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import mlx.core as mx
 import msgspec
 
-if TYPE_CHECKING:
-    import mlx.core as mx
-
-    from ._quant import Quantization
+# Imported at run time, not only for mypy: typing.get_type_hints resolves these names.
+from ._quant import Quantization
 
 __all__ = ["ShardSlice", "Tensor", "TensorInfo", "Weights"]
 
