@@ -942,3 +942,100 @@ async def test_pull_killed_mid_blob_resumes_with_range_bit_exact(
     assert_layout(store, root, built, "slow")
     ranges = [h.get("range") for _, p, h in registry.requests[before:] if p.endswith(digest)]
     assert ranges == [f"bytes={kept}-"]
+
+
+# ---------------------------------------------------------------------- cache: lease while pulling
+
+
+async def test_lease_with_pull_loads_while_it_downloads(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    built = models["slow"]
+    registry.chunk = 2 * KiB
+    registry.delay = 0.002
+    # Blob requests after these are held until the lease reports loaded tensors: the pull
+    # cannot end before the load has made progress, unless the load waits for the pull (then
+    # the watchdog below opens the gate, the manifest is written first, and the test fails).
+    registry.gate_after = 2 + 10  # the config and JSON layer, then 10 tensor blobs
+    store = tmp_path / "store"
+    link = store / "manifests-v2/ollama.com/library/slow/latest"
+    phases: list[str] = []
+    at_first_load: list[tuple[bool, int]] = []
+
+    async def on_progress(event: aw.Progress) -> None:
+        phases.append(event.phase)
+        if event.phase == "loading" and event.completed_tensors and not at_first_load:
+            missing = sum(
+                not (store / "blobs" / layer.digest.replace(":", "-")).exists()
+                for layer in built.layers
+            )
+            at_first_load.append((link.exists(), missing))
+            registry.gate.set()
+
+    # Every event delivered (none merged by time): the held pull sends none meanwhile.
+    limits = aw.Limits(group_bytes=32 * KiB, progress_interval=0.0)
+    async with aw.WeightCache(store=store, limits=limits) as cache:
+        async with anyio.create_task_group() as tg:
+
+            async def watchdog() -> None:
+                await anyio.sleep(20)
+                registry.gate.set()
+
+            tg.start_soon(watchdog)
+            async with cache.lease(
+                "slow", "transformer", pull=True, registry=registry.url, on_progress=on_progress
+            ) as weights:
+                assert_same(weights, built.component("transformer"))
+                assert list(weights) == list(built.component("transformer"))  # manifest order
+            tg.cancel_scope.cancel()  # the watchdog
+        assert cache.stats.loads == 1
+        assert cache.stats.bytes_reserved == 0
+        # A second lease of the same tag: a hit, only the manifest is asked for.
+        before = len(registry.requests)
+        async with cache.lease("slow", "transformer", pull=True, registry=registry.url) as again:
+            assert again is weights
+        assert [kind for kind, _, _ in registry.requests[before:]] == ["manifest"]
+        assert cache.stats.hits == 1
+    # Loaded tensors reported while at least the held blobs were still missing.
+    assert at_first_load == [(False, at_first_load[0][1])]
+    assert at_first_load[0][1] >= len(built.layers) - 10
+    assert phases[0] == "pulling"
+    assert phases[-1] == "done"
+    assert_layout(store, root, built, "slow")
+    # Every blob was fetched once: the load read the blobs the pull committed.
+    fetched = [p.rsplit("/", 1)[1] for kind, p, _ in registry.requests[:before] if kind == "blob"]
+    assert sorted(fetched) == sorted({x.digest for x in [built.config, *built.layers]})
+
+
+async def test_lease_with_pull_over_budget_downloads_no_blob(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    _, models = source
+    vae = [x for x in models["img"].layers if (x.name or "").startswith("vae/")]
+    need = sum({x.digest: x.size for x in vae}.values())
+    store = tmp_path / "store"
+    async with aw.WeightCache(need - 1, store=store) as cache:
+        with pytest.raises(aw.BudgetError) as caught:
+            async with cache.lease("img", "vae", pull=True, registry=registry.url):
+                pytest.fail("leased over budget")
+        assert str(caught.value) == (
+            f"load needs {need} bytes, over the cache's max_bytes of {need - 1} (model 'img')"
+        )
+        assert cache.stats.failures == 1
+        assert cache.stats.bytes_reserved == 0
+        # Twice the bytes with float32 from float16/bfloat16-sized tensors at most.
+        with pytest.raises(aw.BudgetError) as caught:
+            async with cache.lease(
+                "img", "vae", pull=True, registry=registry.url, dtype=mx.float32
+            ):
+                pytest.fail("leased over budget")
+        assert f"load needs {need * 2} bytes" in str(caught.value)
+    assert [kind for kind, _, _ in registry.requests] == ["manifest", "manifest"]
+    assert not (store / "manifests-v2").exists()

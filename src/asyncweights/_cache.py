@@ -36,11 +36,12 @@ from ._errors import (
 )
 from ._header import FLOAT_DTYPES
 from ._limits import Limits
-from ._load import ModelRef, StoreRef, load_plan, make_plan
+from ._load import ModelRef, StoreRef, load_plan, load_pulled, make_plan
 from ._manifest import Manifest
 from ._names import ModelName
 from ._plan import Plan
 from ._progress import Progress, ProgressCallback
+from ._pull import PullSession, component_layers, open_session
 from ._pull import pull as pull_model
 from ._shard import Shard
 from ._store import Model, ModelStore
@@ -177,6 +178,7 @@ class _Entry:
         self.leases = 0
         self.latest: Progress | None = None
         self.watches: set[_Watch] = set()
+        self.session: PullSession | None = None  # the pull a load started by a lease runs
 
     async def publish(self, event: Progress) -> None:
         # An async callback: `load_weights` calls it on the event loop, no thread hop.
@@ -342,9 +344,13 @@ class WeightCache:
             limits: this load's `Limits` (the cache's by default); not part of the key.
             on_progress: a plain or async callable that receives this waiter's `Progress`
                 events, the final one included (alone, when the weights were cached).
-            pull, registry: first bring the model's store copy up to date from its registry
-                (`pull`: the manifest, then only missing blobs), then lease as usual; the
-                key is the pulled manifest's digest, so a changed tag loads afresh.
+            pull, registry: fetch the manifest from the model's registry first; the key is
+                its digest, so a changed tag loads afresh. A new load pulls while it loads,
+                as ``load_weights(..., pull=True)`` does: only missing blobs are downloaded,
+                and each blob's tensors are loaded as it lands; its budget reservation is
+                the component's blob bytes (times ``dtype.size / 2`` with a wider `dtype`),
+                taken before any blob is downloaded. A hit or a joined load downloads
+                nothing more. With `shard`, the model is pulled whole first, then loaded.
                 Concurrent pulls of one blob share its download (a file lock).
             shard: this rank's part only (`Shard`, as for `load_weights`); part of the key,
                 and the budget counts only the bytes this rank holds.
@@ -353,7 +359,8 @@ class WeightCache:
             BudgetError: the load does not fit in ``max_bytes`` even after evicting every
                 unleased entry. AsyncWeightsError: the load failed (every waiter gets a copy).
         """
-        if pull:
+        session: PullSession | None = None
+        if pull and shard is not None:  # a sharded load plans from every header: pull first
             self._check_open()
             await pull_model(
                 model,  # type: ignore[arg-type]  # anything but a name is refused there
@@ -363,7 +370,17 @@ class WeightCache:
                 on_progress=on_progress,
                 limits=limits or self.limits,
             )
-        entry = await self._attach(model, component, dtype, verify, limits, shard)
+        elif pull:
+            self._check_open()
+            session = await self._pull_manifest(model, registry, verify, limits)
+        try:
+            entry = await self._attach(model, component, dtype, verify, limits, shard, session)
+        except BaseException:
+            if session is not None:
+                await session.client.aclose()
+            raise
+        if session is not None and entry.session is not session:
+            await session.client.aclose()  # a hit or a joined load: this pull is not needed
         hit = entry.state != "loading"
         weights = entry.take() if hit else await self._wait(entry, on_progress)
         try:
@@ -454,10 +471,19 @@ class WeightCache:
         verify: bool,
         limits: Limits | None,
         shard: Shard | None = None,
+        session: PullSession | None = None,
     ) -> _Entry:
-        """The entry of the key: ready (a hit), or loading (joined or started here)."""
+        """The entry of the key: ready (a hit), or loading (joined or started here).
+
+        With a `session` (its manifest fetched) the key is the pulled manifest's, and a load
+        started here pulls while it loads with that session (`_Entry.session`).
+        """
         self._check_open()
-        opened, digest = await self._open(model)
+        if session is not None:
+            assert session.model is not None
+            opened, digest = session.model, session.model.digest
+        else:
+            opened, digest = await self._open(model)
         self._check_open()
         component = component or None
         key = CacheKey(
@@ -476,12 +502,26 @@ class WeightCache:
             self._counts["joins"] += 1
             return entry
         entry = _Entry(key, opened.label, _name_of(model, opened))
+        entry.session = session
         self._loading[key] = entry
         self._running.add(entry)
         self._counts["loads"] += 1
         assert self._tg is not None
         self._tg.start_soon(self._load, entry, opened, component, dtype, verify, limits, shard)
         return entry
+
+    async def _pull_manifest(
+        self, model: ModelRef, registry: str | None, verify: bool, limits: Limits | None
+    ) -> PullSession:
+        """A pull of `model` into the cache's store, its manifest fetched (nothing else)."""
+        limits = limits or self.limits
+        session = open_session(model, self.store, registry, limits, verify)
+        try:
+            await session.fetch_manifest()
+        except BaseException:
+            await session.client.aclose()
+            raise
+        return session
 
     async def _wait(self, entry: _Entry, on_progress: ProgressCallback | None) -> Weights:
         """Wait for the load as one of its waiters, then take a lease on its weights."""
@@ -526,9 +566,22 @@ class WeightCache:
     ) -> None:
         limits = limits or self.limits
         weights: Weights | None = None
+        session = entry.session
         try:
             with entry.scope:
-                if shard is None:
+                if session is not None:
+                    # Reserved from the manifest, before any blob is downloaded: there are
+                    # no headers to plan from until the blobs land.
+                    await self._reserve(entry, _pull_estimate(model, component, dtype))
+                    weights = await load_pulled(
+                        session,
+                        component,
+                        dtype=dtype,
+                        verify=verify,
+                        on_progress=entry.publish,
+                        limits=limits,
+                    )
+                elif shard is None:
                     plan = await make_plan(model, component, limits)
                 else:
                     # Headers only, as a sharded `load_weights` plans: no blob read whole.
@@ -546,6 +599,9 @@ class WeightCache:
             entry.error = LoadError(f"load failed: {type(exc).__name__}: {exc}", model=model.label)
             entry.error.__cause__ = exc
         finally:
+            if session is not None:
+                entry.session = None
+                await session.client.aclose()  # shielded; the pull's own exit closed it already
             self._settle(entry, weights)
 
     def _settle(self, entry: _Entry, weights: Weights | None) -> None:
@@ -739,6 +795,19 @@ def _estimate(plan: Plan, dtype: mx.Dtype | None) -> int:
                 count *= dim
             sizes[t.key] = count * dtype.size if convert else t.entry.nbytes
         total += sum(sizes.values())
+    return total
+
+
+def _pull_estimate(model: Model, component: str | None, dtype: mx.Dtype | None) -> int:
+    """Bytes a load while pulling may hold, from the manifest alone (no header is in yet).
+
+    The component's distinct tensor blob bytes (their safetensors headers included: an
+    over-estimate of a few KiB a blob); with `dtype`, times ``dtype.size / 2``, since a
+    converted floating tensor grows at most from the 2-byte dtypes to `dtype`.
+    """
+    total = sum({x.digest: x.size for x in component_layers(model.manifest, component)}.values())
+    if dtype is not None and dtype.size > 2:
+        total = total * dtype.size // 2
     return total
 
 

@@ -57,7 +57,14 @@ from ._shard import Shard
 from ._store import Model, ModelStore
 from ._weights import Tensor, TensorInfo, Weights
 
-__all__ = ["load_plan", "load_weights", "make_plan", "open_model", "stream_weights"]
+__all__ = [
+    "load_plan",
+    "load_pulled",
+    "load_weights",
+    "make_plan",
+    "open_model",
+    "stream_weights",
+]
 
 #: Worker calls reading headers at once while planning. Header reads are short and hold the
 #: GIL for most of their time: more than two contend (measured); on a cold disk two already
@@ -134,6 +141,23 @@ async def load_plan(
     planning read."""
     pipeline = _pipeline(
         plan.model, plan.component, None, dtype, verify, on_progress, limits, planned=plan
+    )
+    return await _weights(pipeline)
+
+
+async def load_pulled(
+    session: PullSession,
+    component: str | None,
+    *,
+    dtype: mx.Dtype | None = None,
+    verify: bool = False,
+    on_progress: ProgressCallback | None = None,
+    limits: Limits | None = None,
+) -> Weights:
+    """`load_weights(..., pull=True)` for a pull whose manifest was already fetched
+    (`PullSession.fetch_manifest`; the cache keys a load by its digest first)."""
+    pipeline = _pipeline(
+        session.label, component, None, dtype, verify, on_progress, limits, pulling=session
     )
     return await _weights(pipeline)
 
@@ -313,14 +337,17 @@ async def _pipeline(
     registry: str | None = None,
     shard: Shard | None = None,
     planned: Plan | None = None,
+    pulling: PullSession | None = None,
 ) -> AsyncIterator[tuple[Plan, _Groups]]:
     limits = limits or Limits()
     started = time.monotonic()
-    session: PullSession | None = None
+    session: PullSession | None = pulling
     if shard is not None and pull:
         raise ShardError("a sharded load cannot pull: pull the model first, then load")
     if planned is not None:
         label = planned.model
+    elif session is not None:
+        label = session.label
     elif pull:
         session = open_session(model_ref, store, registry, limits, verify)
         label = session.label

@@ -588,12 +588,14 @@ async def run_pull(
 ) -> None:
     """Pull for a load: report the model once it can be planned from, then finish the pull.
 
-    The task reports itself started once the manifest, the config and the JSON layers are in
-    the store (the first tensor blobs download beside them); the tensor blobs of `component`
-    come first, smallest first, then the others, and the manifest is written last.
+    A manifest the session fetched already (`WeightCache.lease` keys its load by the
+    manifest's digest first) is not fetched again. The task reports itself started once the
+    manifest, the config and the JSON layers are in the store (the first tensor blobs
+    download beside them); the tensor blobs of `component` come first, smallest first, then
+    the others, and the manifest is written last.
     """
     async with session.client:
-        manifest = await session.fetch_manifest()
+        manifest = session.manifest or await session.fetch_manifest()
         configs = [layer for layer in session.blobs if not layer.is_tensor]
         # Smallest first: a load takes every blob as it lands, so the first tensors come
         # after a few KiB instead of after the first (often the largest) tensor's blob.
