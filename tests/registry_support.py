@@ -6,8 +6,8 @@
   PUT manifest with its media type).
 * `FakeRegistry` is a small Starlette app under uvicorn in a thread of its own, on
   127.0.0.1, for what a stock registry cannot do: redirects to a second host, bearer
-  challenges, Ollama's list media type, 412, connections dropped mid-blob, wrong bytes and a
-  slow server. It records every request it answers.
+  challenges, Ollama's list media type, 412, connections dropped or held mid-blob, wrong
+  bytes and a slow server. It records every request it answers.
 """
 
 from __future__ import annotations
@@ -174,6 +174,9 @@ class FakeRegistry:
     #: once this many blob GETs were answered, hold the next ones until `gate` is set
     gate_after: int | None = None
     gate: threading.Event = field(default_factory=threading.Event)
+    #: send this many bytes of the blob, then hold the rest until `release` is set (once)
+    stall_after: dict[str, int] = field(default_factory=dict)
+    release: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
     def add_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> None:
@@ -280,12 +283,19 @@ class FakeRegistry:
         body = data[start:end]
         headers["Content-Length"] = str(len(body))
         drop = self.drop_after.pop(digest, None)
+        stall = self.stall_after.pop(digest, None)
         delay, chunk = self.delay, self.chunk
 
         async def stream() -> AsyncIterator[bytes]:
             sent = 0
             for i in range(0, len(body), chunk):
                 piece = body[i : i + chunk]
+                if stall is not None and start + sent <= stall < start + sent + len(piece):
+                    cut = stall - start - sent
+                    yield piece[:cut]
+                    await anyio.to_thread.run_sync(self.release.wait, 30)
+                    piece = piece[cut:]
+                    sent += cut
                 if drop is not None and start + sent + len(piece) > drop:
                     cut = max(0, drop - start - sent)
                     yield piece[:cut]
@@ -338,5 +348,7 @@ def fake_registry() -> Iterator[tuple[FakeRegistry, FakeRegistry]]:
             registry.url, cdn.url = a.url, b.url
             yield registry, cdn
             registry.gate.set()  # let held requests end before the servers stop
+            registry.release.set()
     finally:
         registry.gate.set()
+        registry.release.set()

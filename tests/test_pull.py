@@ -881,9 +881,8 @@ anyio.run(functools.partial(aw.pull, "slow", store=store, registry=registry, lim
 """
 
 
-def _kill_mid_blob(store: Path, registry: str, digests: set[str]) -> tuple[str, int]:
-    """Pull in a child process, SIGKILL it once a blob is part-written; the blob and bytes."""
-    blobs = store / "blobs"
+def _kill_mid_blob(store: Path, registry: str, partial: Path, stall: int) -> None:
+    """Pull in a child process; SIGKILL it once `partial` holds `stall` bytes."""
     child = subprocess.Popen(
         [sys.executable, "-c", _PULL_ONE_AT_A_TIME, str(store), registry],
         stdout=subprocess.DEVNULL,
@@ -893,13 +892,11 @@ def _kill_mid_blob(store: Path, registry: str, digests: set[str]) -> tuple[str, 
         deadline = time.monotonic() + 60
         while True:
             assert child.poll() is None, child.communicate(timeout=10)[1][-2000:]
-            assert time.monotonic() < deadline, "the child pull wrote no partial in 60 s"
-            partials = list(blobs.glob(".sha256-*.partial")) if blobs.exists() else []
-            sizes = {p: p.stat().st_size for p in partials if p.exists()}
-            started = [p for p, n in sizes.items() if n >= 8 * KiB]
-            if started:
-                child.kill()  # SIGKILL: no handler, no cleanup, the lock dies with it
-                break
+            assert time.monotonic() < deadline, f"the child pull wrote no {stall} bytes in 60 s"
+            with contextlib.suppress(FileNotFoundError):
+                if partial.stat().st_size >= stall:
+                    child.kill()  # SIGKILL: no handler, no cleanup, the lock dies with it
+                    break
             time.sleep(0.005)
     finally:
         child.kill()
@@ -907,10 +904,6 @@ def _kill_mid_blob(store: Path, registry: str, digests: set[str]) -> tuple[str, 
         assert child.stderr is not None
         child.stderr.close()
     assert child.returncode == -9
-    (partial,) = started
-    digest = partial.name[1 : -len(".partial")].replace("-", ":")
-    assert digest in digests
-    return digest, partial.stat().st_size
 
 
 async def test_pull_killed_mid_blob_resumes_with_range_bit_exact(
@@ -922,26 +915,32 @@ async def test_pull_killed_mid_blob_resumes_with_range_bit_exact(
     root, models = source
     built = models["slow"]
     registry.chunk = 2 * KiB
-    registry.delay = 0.01  # a 32 KiB blob takes about 160 ms: the kill lands inside one
+    layer = built.layers[len(built.layers) // 2]
+    digest, stall = layer.digest, 5 * KiB  # not a chunk boundary
+    assert stall < layer.size
+    # The registry sends `stall` bytes of that blob, then holds the rest: the child is
+    # killed mid-blob, with exactly those bytes written.
+    registry.stall_after[digest] = stall
     store = tmp_path / "store"
-    digests = {layer.digest for layer in [built.config, *built.layers]}
-    digest, kept = await anyio.to_thread.run_sync(_kill_mid_blob, store, registry.url, digests)
-    assert 8 * KiB <= kept < len(registry.blobs[digest])
+    partial = partial_path(aw.ModelStore(store), digest)
+    await anyio.to_thread.run_sync(_kill_mid_blob, store, registry.url, partial, stall)
+    assert partial.stat().st_size == stall
+    assert partial.read_bytes() == registry.blobs[digest][:stall]
     # Only verified blobs have a final name; the killed one is a partial, nothing else.
     for path in (store / "blobs").iterdir():
         if path.name.startswith("."):
-            assert path.name == f".{digest.replace(':', '-')}.partial"
+            assert path == partial
         else:
             assert path.read_bytes() == (root / "blobs" / path.name).read_bytes()
     assert not (store / "blobs" / digest.replace(":", "-")).exists()
     assert not (store / "manifests-v2").exists()
+    registry.release.set()
     before = len(registry.requests)
-    registry.delay = 0.0
     weights = await aw.load_weights("slow", store=store, pull=True, registry=registry.url)
     assert_same(weights, built.expected)
     assert_layout(store, root, built, "slow")
     ranges = [h.get("range") for _, p, h in registry.requests[before:] if p.endswith(digest)]
-    assert ranges == [f"bytes={kept}-"]
+    assert ranges == [f"bytes={stall}-"]
 
 
 # ---------------------------------------------------------------------- cache: lease while pulling
