@@ -8,6 +8,7 @@ byte-for-byte against the source store, and the store layout against Ollama 0.40
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -793,8 +794,9 @@ sys.stdin.read()  # hold the lock until the test closes stdin
 
 
 @contextlib.contextmanager
-def _lock_held_by_another_process(path: Path) -> Iterator[None]:
-    """A child process holds `path`'s flock for the block; it exits (and is reaped) after."""
+def _lock_held_by_another_process(path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A child process holds `path`'s flock for the block, or until its stdin is closed;
+    it exits (and is reaped) after."""
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD_LOCK, str(path)],
         stdin=subprocess.PIPE,
@@ -805,7 +807,7 @@ def _lock_held_by_another_process(path: Path) -> Iterator[None]:
     assert holder.stdout is not None
     try:
         assert holder.stdout.readline() == "locked\n"
-        yield
+        yield holder
     finally:
         holder.stdin.close()
         try:
@@ -1038,3 +1040,44 @@ async def test_lease_with_pull_over_budget_downloads_no_blob(
         assert f"load needs {need * 2} bytes" in str(caught.value)
     assert [kind for kind, _, _ in registry.requests] == ["manifest", "manifest"]
     assert not (store / "manifests-v2").exists()
+
+
+async def test_pull_waits_for_a_locked_blob_and_takes_it_over_when_its_writer_dies(
+    fake: tuple[FakeRegistry, FakeRegistry],
+    source: tuple[Path, dict[str, BuiltModel]],
+    tmp_path: Path,
+) -> None:
+    registry, _ = fake
+    root, models = source
+    built = models["img"]
+    layer = built.layers[3]
+    prefix = 3 * KiB + 7
+    store = tmp_path / "store"
+    (store / "blobs").mkdir(parents=True)
+    partial = partial_path(aw.ModelStore(store), layer.digest)
+    partial.write_bytes(registry.blobs[layer.digest][:prefix])  # what the writer got so far
+    rest_done = anyio.Event()
+
+    async def on_progress(event: aw.Progress) -> None:
+        if event.completed_tensors == event.total_tensors - 1 and event.total_tensors:
+            rest_done.set()  # every other blob is in: the pull waits for the locked one
+
+    # Bounded: a pull that only waited for the blob to land would wait out its timeout.
+    with _lock_held_by_another_process(partial) as holder, anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                functools.partial(
+                    aw.pull, "img", store=store, registry=registry.url, on_progress=on_progress
+                )
+            )
+            with anyio.fail_after(30):
+                await rest_done.wait()
+            await anyio.sleep(0.2)  # the pull polls the lock meanwhile, and waits
+            assert not (store / "manifests-v2").exists()
+            assert [p for _, p, _ in registry.requests if p.endswith(layer.digest)] == []
+            assert holder.stdin is not None
+            holder.stdin.close()  # the writer exits: its lock goes, and the pull takes over
+    assert not partial.exists()
+    assert_layout(store, root, built, "img")
+    ranges = [h.get("range") for _, p, h in registry.requests if p.endswith(layer.digest)]
+    assert ranges == [f"bytes={prefix}-"]
