@@ -58,6 +58,7 @@ from ._vfile import (
     fill_arrays,
     mlx_fills_through_readinto,
     reader_pool,
+    start_every_thread,
 )
 from ._weights import Tensor, TensorInfo
 
@@ -656,10 +657,26 @@ def reader_threads(nice: int | None) -> ThreadPoolExecutor:
                     current = os.getpriority(os.PRIO_PROCESS, tid)
                     os.setpriority(os.PRIO_PROCESS, tid, max(current, nice))
 
+            def start() -> None:
+                if nice is not None:
+                    lower_priority()
+                # The thread's MLX stream (and its native thread) is made now, at the
+                # thread's priority, instead of whenever a load first lands on this thread.
+                mx.eval(mx.zeros((1,)))
+
             pool = _READERS[nice] = ThreadPoolExecutor(
-                32, thread_name_prefix="asyncweights-reader", initializer=lower_priority
+                _READER_THREADS, thread_name_prefix="asyncweights-reader", initializer=start
             )
+            # Every thread started at once: ThreadPoolExecutor otherwise starts one on a
+            # submit that finds none idle, a race a load wins now and then (a thread, and an
+            # MLX stream with its native thread, more per load until the pool is full).
+            start_every_thread(pool, _READER_THREADS)
         return pool
+
+
+#: Group calls in flight across the process at most; more wait their turn. Throughput loads
+#: use 4 workers, so two of them, or a load beside a cache's, run at full width.
+_READER_THREADS = 8
 
 
 def load_group(

@@ -562,7 +562,27 @@ def reader_pool(name: str, threads: int, priority: str = "responsive") -> Thread
                 thread_name_prefix=f"asyncweights-{name}",
                 initializer=_lower if priority == "responsive" else None,
             )
+            start_every_thread(pool, threads)
         return pool
+
+
+def start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:
+    """Start all of `pool`'s threads now, so that the set of threads stays fixed for good.
+
+    ThreadPoolExecutor starts a thread on a submit that finds none idle; whether one is idle at
+    that moment is a race (seen on 3.12: a thread more after some loads). Tasks that wait on one
+    barrier are each given a thread of their own, so all `threads` exist afterwards.
+    """
+    barrier = threading.Barrier(threads, timeout=10.0)
+    futures = [pool.submit(_meet, barrier) for _ in range(threads)]
+    for future in futures:
+        future.result()
+
+
+def _meet(barrier: threading.Barrier) -> None:
+    # A thread that could not start in time breaks the barrier: the pool still works, lazily.
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait()
 
 
 def _lower() -> None:
