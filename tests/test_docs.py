@@ -39,6 +39,7 @@ _FORBIDDEN = [
     for p in (
         r"\.\./" + "shared",
         "/" + r"work/",
+        "/" + r"root/",
         r"\bFORMAT" + r"\.md\b",
         r"\bDESIGN" + r"\.md\b",
         r"\bLAYOUT" + r"\.md\b",

@@ -18,11 +18,11 @@ def test_names_print_in_their_shortest_form() -> None:
 
 
 def test_names_read_back_from_path_parts_are_validated() -> None:
-    name = name_from_parts("example.com", "ns", "m", "t", original="/root/manifests/x")
+    name = name_from_parts("example.com", "ns", "m", "t", original="/srv/models/manifests/x")
     assert name == aw.ModelName("example.com", "ns", "m", "t")
     with pytest.raises(aw.InvalidNameError, match=r"bad character in tag '\.t'") as info:
-        name_from_parts("registry.ollama.ai", "library", "m", ".t", original="/root/x/.t")
-    assert info.value.model == "/root/x/.t"
+        name_from_parts("registry.ollama.ai", "library", "m", ".t", original="/srv/models/x/.t")
+    assert info.value.model == "/srv/models/x/.t"
 
 
 def test_digest_pattern_and_blob_file_names() -> None:

@@ -85,10 +85,10 @@ def test_select_layers_of_a_component() -> None:
 
 def test_blob_paths_one_per_distinct_blob() -> None:
     layers = [layer("a", 0), layer("b", 0), layer("c", 1)]
-    paths = blob_paths("/root/blobs", "m", layers)
+    paths = blob_paths("/srv/models/blobs", "m", layers)
     assert paths == {
-        DIGESTS[0]: "/root/blobs/sha256-" + "1" * 64,
-        DIGESTS[1]: "/root/blobs/sha256-" + "2" * 64,
+        DIGESTS[0]: "/srv/models/blobs/sha256-" + "1" * 64,
+        DIGESTS[1]: "/srv/models/blobs/sha256-" + "2" * 64,
     }
 
 
