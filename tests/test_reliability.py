@@ -26,7 +26,7 @@ import msgspec
 import pytest
 
 import asyncweights as aw
-from asyncweights import _load
+from asyncweights import _load, _read
 from asyncweights._errors import InvalidDigestError
 from asyncweights._manifest import CONFIG_MEDIA_TYPE, TENSOR_MEDIA_TYPE, Layer
 from asyncweights._manifest import Layer as ManifestLayer
@@ -1173,6 +1173,29 @@ async def test_allocation_failure_is_a_resource_error(
     gc.collect()
     assert exc.__cause__ is not None
     assert blob_fds(store_root) == []
+
+
+async def test_a_failure_while_reader_threads_start_leaves_later_loads_working(
+    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each reader thread evaluates one array when the pool is made (its MLX stream). An
+    # allocation failure there broke the process's pool for good: this load, and every later
+    # one in the process, failed with "unexpected BrokenThreadPool".
+    built = builder.add_model(MODEL, random_weights({"a": (64, 64)}))
+    monkeypatch.setattr(_read, "_READERS", {})  # the pool is made under the failing eval
+    real_eval = mx.eval
+
+    def failing_eval(*args: Any) -> None:
+        raise RuntimeError("[malloc] Unable to allocate 1099511627776 bytes.")
+
+    try:
+        monkeypatch.setattr(mx, "eval", failing_eval)
+        await fails(aw.BudgetError, store_root, "Unable to allocate", f"model {MODEL!r}")
+        monkeypatch.setattr(mx, "eval", real_eval)
+        assert_bit_exact(await aw.load_weights(MODEL, store=store_root), built.expected)
+    finally:
+        for pool in _read._READERS.values():
+            pool.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------- faults: budget, many files

@@ -662,7 +662,11 @@ def reader_threads(nice: int | None) -> ThreadPoolExecutor:
                     lower_priority()
                 # The thread's MLX stream (and its native thread) is made now, at the
                 # thread's priority, instead of whenever a load first lands on this thread.
-                mx.eval(mx.zeros((1,)))
+                # Best effort: an initializer that raises breaks the pool for good (every
+                # later submit is BrokenThreadPool), and a failed warm-up only means the
+                # stream is made by the first load on this thread instead.
+                with contextlib.suppress(Exception):
+                    mx.eval(mx.zeros((1,)))
 
             pool = _READERS[nice] = ThreadPoolExecutor(
                 _READER_THREADS, thread_name_prefix="asyncweights-reader", initializer=start
