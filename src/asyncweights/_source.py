@@ -40,6 +40,7 @@ import msgspec
 from ._errors import AsyncWeightsError, BlobMissingError, DuplicateTensorError, SourceError
 from ._header import TensorEntry, read_header
 from ._quant import Quantization
+from ._writer import IMAGEGEN_CONFIGS
 
 __all__ = ["PackedSource", "Source", "SourceTensor", "scan_source"]
 
@@ -391,19 +392,8 @@ def _config_order(configs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
 
     Ollama's list and order: ``x/create/imagegen.go@6ddd8862c``.
     """
-    known = (
-        "model_index.json",
-        "text_encoder/config.json",
-        "text_encoder/generation_config.json",
-        "transformer/config.json",
-        "vae/config.json",
-        "scheduler/scheduler_config.json",
-        "tokenizer/tokenizer.json",
-        "tokenizer/tokenizer_config.json",
-        "tokenizer/vocab.json",
-    )
-    rank = {name: i for i, name in enumerate(known)}
-    return sorted(configs, key=lambda c: (rank.get(c[0], len(known)), c[0]))
+    rank = {name: i for i, name in enumerate(IMAGEGEN_CONFIGS)}
+    return sorted(configs, key=lambda c: (rank.get(c[0], len(rank)), c[0]))
 
 
 # ------------------------------------------------------------------------------ headers
