@@ -130,8 +130,8 @@ class PullSession:
 
     # ----------------------------------------------------------------------------- progress
 
-    def event(self, phase: Phase) -> Progress:
-        """The pull's progress so far, as one event for the whole model."""
+    def event(self, phase: Phase, digest: str | None = None) -> Progress:
+        """The pull's progress so far, as one event for the whole model (and `digest`'s)."""
         c = self._counts
         return Progress(
             phase=phase,
@@ -141,28 +141,14 @@ class PullSession:
             total_tensors=c.total_blobs,
             elapsed=time.monotonic() - self.started,
             model=self.label,
+            digest=digest,
+            digest_completed=0 if digest is None else c.per_blob.get(digest, 0),
+            digest_total=0 if digest is None else self._sizes.get(digest, 0),
         )
 
     def _emit(self, digest: str | None, *, force: bool = False, phase: Phase = "pulling") -> None:
-        if self.reporter is None:
-            return
-        c = self._counts
-        size = 0 if digest is None else self._sizes.get(digest, 0)
-        self.reporter.emit(
-            Progress(
-                phase=phase,
-                completed_bytes=c.done_bytes,
-                total_bytes=c.total_bytes,
-                completed_tensors=c.done_blobs,
-                total_tensors=c.total_blobs,
-                elapsed=time.monotonic() - self.started,
-                model=self.label,
-                digest=digest,
-                digest_completed=0 if digest is None else c.per_blob.get(digest, 0),
-                digest_total=size,
-            ),
-            force=force,
-        )
+        if self.reporter is not None:
+            self.reporter.emit(self.event(phase, digest), force=force)
 
     def _advance(self, digest: str, n: int) -> None:
         self._counts.per_blob[digest] = self._counts.per_blob.get(digest, 0) + n
