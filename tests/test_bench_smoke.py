@@ -58,5 +58,13 @@ def test_smoke_run_reports_every_strategy(tmp_path: Path) -> None:
     targets = doc["summary"]["targets"]
     assert len(targets) >= 10
     assert all(t["verdict"] in ("met", "**MISSED**", "not run") for t in targets)
+    # The smoke run has every strategy, model and condition: every target is judged.
+    assert [t["figure"] for t in targets if t["verdict"] == "not run"] == []
+    information = doc["summary"]["information"]
+    assert len(information) == 4
+    assert all(
+        i["measured"].endswith("runs; raw2_fresh 1)") or i["measured"].endswith("runs; raw2 1)")
+        for i in information
+    )
     assert (out / "report.md").read_text().startswith("### Benchmark report")
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
