@@ -343,3 +343,26 @@ async def test_rm_leaves_nothing_of_a_model_in_any_layout(
         folder = store_root / tree
         assert not folder.exists() or list(folder.iterdir()) == []
     assert aw.ModelStore(store_root).list_names() == []
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_opening_decodes_the_manifest_document_once(
+    builder: StoreBuilder, store_root: Path, layout: LayoutName, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A legacy file is decoded to tell an anchor; opening it must not decode it a second time
+    # (a 5,120-layer manifest: ~6 ms a decode).
+    from asyncweights import _manifest
+
+    add(builder, "m:latest", layout)
+    decoded: list[int] = []
+    real = _manifest.decode_document
+
+    def counting(data: bytes, **labels: object) -> object:
+        decoded.append(len(data))
+        return real(data, **labels)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("asyncweights._layout.decode_document", counting)
+    monkeypatch.setattr("asyncweights._store.decode_document", counting)
+    model = await aw.ModelStore(store_root).open("m")
+    assert model.layout == EXPECTED_LAYOUT[layout]
+    assert len(decoded) == 1

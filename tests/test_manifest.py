@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 import asyncweights as aw
+from asyncweights import _manifest
 from asyncweights._manifest import (
     CONFIG_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
@@ -100,3 +101,45 @@ def test_config_keeps_what_a_cloud_model_says() -> None:
 def test_a_config_of_the_wrong_shape_is_a_manifest_error() -> None:
     with pytest.raises(aw.ManifestError, match="invalid model config blob"):
         decode_config(b'{"capabilities": "completion"}', model="m")
+
+
+def _manifest_of(layers: int) -> bytes:
+    config = aw.Layer(CONFIG_MEDIA_TYPE, A, 10)
+    tensors = [
+        aw.Layer(TENSOR_MEDIA_TYPE, "sha256:" + f"{i:064x}", 1000 + i, f"blk.{i}.weight")
+        for i in range(layers)
+    ]
+    return encode_manifest(build_manifest(config, tensors))
+
+
+@pytest.mark.parametrize(("layers", "stepwise"), [(10, False), (5_120, False), (25_000, True)])
+def test_manifests_decode_in_one_call_up_to_the_bound_and_in_steps_above(
+    monkeypatch: pytest.MonkeyPatch, layers: int, stepwise: bool
+) -> None:
+    # 5,120 layers (0.95 MiB, a real big tensor model) take msgspec's one call: the stepwise
+    # parser took ~190 ms for it; only documents over ONE_CALL_BYTES pay that.
+    data = _manifest_of(layers)
+    assert (len(data) > _manifest.ONE_CALL_BYTES) is stepwise
+    calls: list[int] = []
+    from asyncweights import _json
+
+    real = _json.loads_stepwise
+
+    def counting(text: bytes, *, unique_keys: bool = False) -> object:
+        calls.append(len(text))
+        return real(text, unique_keys=unique_keys)
+
+    monkeypatch.setattr("asyncweights._manifest.loads_stepwise", counting)
+    decoded = _manifest.decode_document(data)
+    assert isinstance(decoded, aw.Manifest)
+    assert [layer.name for layer in decoded.layers] == [f"blk.{i}.weight" for i in range(layers)]
+    assert decoded.layers[-1].size == 1000 + layers - 1
+    assert calls == ([len(data)] if stepwise else [])
+
+
+def test_a_bad_byte_in_a_one_call_manifest_is_named_by_offset() -> None:
+    data = bytearray(_manifest_of(5_120))
+    at = data.index(b"blk.4000.weight")
+    data[at] = 0xFF
+    with pytest.raises(aw.ManifestError, match=rf"invalid manifest: not UTF-8 \(byte {at}\)"):
+        _manifest.decode_document(bytes(data), model="m")

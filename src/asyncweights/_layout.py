@@ -29,7 +29,7 @@ from typing import Literal
 
 from ._errors import ManifestError, ModelNotFoundError
 from ._files import read_file
-from ._manifest import MANIFEST_MEDIA_TYPE, decode_document
+from ._manifest import MANIFEST_MEDIA_TYPE, Manifest, ManifestList, decode_document
 from ._names import DEFAULT_HOST
 
 __all__ = [
@@ -82,6 +82,8 @@ class Document:
             outside both trees).
         modified: the entry's modification time (seconds since the epoch).
         skipped: why a ``manifests-v2`` entry for the same name was not used, if one was not.
+        decoded: the document decoded, when reading it needed that (a legacy file is decoded
+            to tell an anchor): the caller need not decode it again.
     """
 
     path: Path
@@ -90,6 +92,7 @@ class Document:
     layout: str
     modified: float
     skipped: str | None = None
+    decoded: Manifest | ManifestList | None = None
 
 
 class InvalidEntryError(Exception):
@@ -206,9 +209,11 @@ def read_document(
             if os.path.exists(blob) and os.path.samefile(blob, path):
                 layout = "manifests-v2 hard link"
     else:
-        anchored = _anchored_digest(data)
+        decoded = _decode_quietly(data)
+        anchored = _anchored_digest(decoded)
         if anchored is not None:
             digest = anchored
+        return Document(Path(path), data, digest, layout, info.st_mtime, decoded=decoded)
     return Document(Path(path), data, digest, layout, info.st_mtime)
 
 
@@ -216,13 +221,17 @@ def _read(path: Path, max_size: int) -> bytes:
     return bytes(read_file(path, "manifest", max_size=max_size, cap="Limits.max_manifest_bytes"))
 
 
-def _anchored_digest(data: bytes) -> str | None:
-    """The runnable manifest document's digest named by an anchor's layers, if any."""
+def _decode_quietly(data: bytes) -> Manifest | ManifestList | None:
+    """The document decoded, or None when it is not a valid one (the caller reports that)."""
     try:
-        manifest = decode_document(data)
+        return decode_document(data)
     except ManifestError:
         return None
-    layers = getattr(manifest, "layers", None) or []
+
+
+def _anchored_digest(document: Manifest | ManifestList | None) -> str | None:
+    """The runnable manifest document's digest named by an anchor's layers, if any."""
+    layers = getattr(document, "layers", None) or []
     for layer in layers:
         if layer.media_type == MANIFEST_MEDIA_TYPE:
             digest: str = layer.digest
@@ -326,7 +335,7 @@ def resolve(root: Path, name: Parts, label: str, max_size: int) -> Document:
             return document
         return Document(
             document.path, document.data, document.digest, document.layout,
-            document.modified, skipped.reason,
+            document.modified, skipped.reason, document.decoded,
         )  # fmt: skip
     default = _exact_paths(root, "manifests", name)[0]
     if skipped is not None and not skipped.dangling:

@@ -233,7 +233,9 @@ class ModelStore:
     ) -> Model:
 
         store, document, label = self._locate(model, limits)
-        decoded = decode_document(document.data, model=label, path=document.path)
+        decoded = document.decoded or decode_document(
+            document.data, model=label, path=document.path
+        )
         listed = None
         if isinstance(decoded, ManifestList):
             listed = decoded
