@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import asyncweights as aw
 from asyncweights._cli import build_parser, parse_size
 from asyncweights.testing import StoreBuilder, random_weights
 
@@ -273,17 +272,6 @@ def test_demo_into_a_named_store(tmp_path: Path) -> None:
         "asyncweights-demo:2mib",
         "asyncweights-demo:2mib-int4",
     ]
-
-
-def test_version() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "asyncweights", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == f"asyncweights {aw.__version__}\n"
 
 
 def test_readme_command_line_lists_every_command() -> None:
