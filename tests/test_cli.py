@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
-import pty
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import textwrap
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +17,8 @@ from safetensors.numpy import save_file
 
 from asyncweights._cli import build_parser, parse_size
 from asyncweights.testing import StoreBuilder, random_weights
+
+from .cli_support import cli, ok_json, run_on_pty
 
 SHAPES = {
     "text_encoder/model.layers.0.mlp.up_proj.weight": (128, 64),
@@ -40,27 +35,6 @@ def store(tmp_path: Path) -> Path:
     b.add_model("toy:latest", random_weights(SHAPES), era="E1")
     b.add_model("toy:int4", random_weights(SHAPES), era="E1", quantize="int4")
     return root
-
-
-def cli(
-    *args: str, tmp: Path, input: str | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), **(env or {})}
-    environ.pop("OLLAMA_MODELS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "asyncweights", *args],
-        capture_output=True,
-        text=True,
-        env=environ,
-        input=input,
-        timeout=60,
-    )
-
-
-def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
-    assert result.returncode == 0, result.stderr
-    assert "%|" not in result.stderr  # piped: no progress bar
-    return json.loads(result.stdout)
 
 
 def test_ls_lists_models(store: Path, tmp_path: Path) -> None:
@@ -305,36 +279,6 @@ def test_every_argument_of_every_command_has_help() -> None:
     assert all(len(set(h)) == len(h) for h in helps.values())  # no copy-pasted help lines
 
 
-def run_on_pty(args: list[str], env: dict[str, str]) -> tuple[int, bytes]:
-    """Run the CLI with stdout and stderr on a pseudo-terminal; return status and output."""
-    main, child = pty.openpty()
-    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "asyncweights", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=child,
-        stderr=child,
-        env=env,
-    )
-    os.close(child)
-    output = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([main], [], [], 0.1)
-        if ready:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            output += chunk
-        elif proc.poll() is not None:
-            break
-    os.close(main)
-    return proc.wait(timeout=30), output
-
-
 def test_progress_bar_on_a_terminal_only(store: Path, tmp_path: Path) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     status, output = run_on_pty(["load", "toy:latest", "--store", str(store)], env)
@@ -467,6 +411,93 @@ def test_names_with_terminal_escapes_are_printed_escaped(
     assert err.startswith("error: invalid model name")
     assert "\x1b" not in err
     assert "\\x1b" in err
+
+
+ESCAPED = "\\x1b]0;owned\\x07\\x1b[2J\\u202edcba\\x9b31m"  # HOSTILE_COMPONENT, printed
+
+
+def assert_printable(*texts: str) -> None:
+    """Nothing in `texts` can drive a terminal: every character printable, or a newline."""
+    for text in texts:
+        assert all(c.isprintable() or c == "\n" for c in text), repr(text)
+
+
+def test_every_command_escapes_hostile_names_and_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store path, a layer (component) name and a source path that carry terminal escape
+    sequences come out escaped from ls, verify, rm, import and show, on stdout, in errors
+    and in the progress bar; JSON keeps the exact values."""
+    root = tmp_path / f"store{HOSTILE_COMPONENT}"
+    built = StoreBuilder(root).add_model(
+        "evil", random_weights({f"{HOSTILE_COMPONENT}/w": (4, 4), "vae/x": (4,)})
+    )
+    store = ["--store", str(root)]
+    status, out, err = run_cli(capsys, "ls", *store)
+    assert (status, err) == (0, "")
+    assert_printable(out)
+    assert f"components vae,{ESCAPED}, unquantized" in out
+    status, out, err = run_cli(capsys, "ls", *store, "--json")
+    assert status == 0, err
+    assert_printable(out)
+    listed = json.loads(out)
+    assert listed["store"] == str(root)
+    assert listed["models"][0]["components"] == ["vae", HOSTILE_COMPONENT]
+
+    # verify: a damaged blob of the hostile layer is reported by its escaped name.
+    layer = next(la for la in built.layers if la.name and la.name.startswith(HOSTILE_COMPONENT))
+    blob = root / "blobs" / layer.digest.replace(":", "-")
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
+    status, out, err = run_cli(capsys, "verify", "evil", *store, "--progress")
+    assert status == 1
+    assert_printable(out, err.replace("\r", ""))
+    assert f"  BAD {layer.digest} ({ESCAPED}/w): content hashes to sha256:" in out
+    assert "verifying evil" in err  # the bar was drawn, with nothing raw in it
+    assert err.endswith("error: 1 of 4 blobs failed verification\n")
+
+    # Errors that name the store or a source path.
+    status, out, err = run_cli(capsys, "show", "nothing", *store)
+    assert (status, out) == (1, "")
+    assert_printable(err)
+    assert err.startswith(f"error: model not found in store '{tmp_path}/store{ESCAPED}'")
+    source = tmp_path / f"src{HOSTILE_COMPONENT}"
+    status, out, err = run_cli(capsys, "import", str(source), "x", *store)
+    assert (status, out) == (1, "")
+    assert_printable(err)
+    assert err.startswith("error: source is not a directory (model 'x', store ")
+    assert f"file '{tmp_path}/src{ESCAPED}')" in err
+
+    # rm names the store it deleted from.
+    status, out, err = run_cli(capsys, "rm", "evil", *store)
+    assert (status, err) == (0, "")
+    assert_printable(out)
+    assert out.startswith(f"deleted 'evil' from store {tmp_path}/store{ESCAPED}: 4 blobs removed")
+
+
+def test_pull_errors_are_printed_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A registry's own error message (what it says is untrusted text) and a registry URL
+    with escape sequences are printed escaped."""
+    from .registry_support import fake_registry
+
+    store = ["--store", str(tmp_path / "store")]
+    with fake_registry() as (registry, _):
+        registry.manifest_status = (412, f"requires {HOSTILE_COMPONENT}")
+        status, out, err = run_cli(capsys, "pull", "img", *store, "--registry", registry.url)
+    assert (status, out) == (1, "")
+    assert_printable(err)
+    assert err == (
+        f"error: HTTP 412 Precondition Failed for the manifest: requires {ESCAPED} "
+        f"(model 'img', registry {registry.url}, repository library/img)\n"
+    )
+    status, out, err = run_cli(
+        capsys, "pull", "img", *store, "--registry", f"ftp://127.0.0.1:1/{HOSTILE_COMPONENT}"
+    )
+    assert (status, out) == (1, "")
+    assert_printable(err)
+    assert ESCAPED in err
+    assert not (tmp_path / "store" / "manifests").exists()
 
 
 def test_a_model_argument_is_a_path_only_when_it_looks_like_one(

@@ -30,7 +30,7 @@ from asyncweights._demo import (
 )
 from asyncweights._manifest import decode_manifest
 
-from .test_cli import run_on_pty
+from .cli_support import run_on_pty
 
 COMPONENTS = ["text_encoder", "transformer", "vae"]
 SIZE = 2 << 20  # 2 MiB: the smallest sizes of every component (see test_tensors_of_2_mib)

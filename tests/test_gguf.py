@@ -646,7 +646,7 @@ async def test_cancel_mid_blob_frees_everything(sparse_store: Path) -> None:
 
 
 def test_cli_show_ls_load(llava: Path, tmp_path: Path) -> None:
-    from .test_cli import cli, ok_json
+    from .cli_support import cli, ok_json
 
     facts = ok_json(cli("show", "--store", str(llava), "llava", "--json", tmp=tmp_path))
     assert facts["kind"] == "gguf"
@@ -684,7 +684,7 @@ def test_cli_show_ls_load(llava: Path, tmp_path: Path) -> None:
 
 
 def test_cli_show_lists_types_it_cannot_load(tmp_path: Path, store_root: Path) -> None:
-    from .test_cli import cli, ok_json
+    from .cli_support import cli, ok_json
 
     block, size = gguf.GGML_QUANT_SIZES[Q.IQ2_XXS]
     path = write_gguf(

@@ -49,9 +49,14 @@ def _no_leak(store_root: Path) -> Iterator[None]:
 
 
 async def fails(
-    exc_type: type[aw.AsyncWeightsError], root: Path, model: Any, *fragments: str, **kw: Any
+    exc_type: type[aw.AsyncWeightsError],
+    root: Path,
+    *fragments: str,
+    model: Any = MODEL,
+    **kw: Any,
 ) -> aw.AsyncWeightsError:
-    """Load and check the exact error type, that it is no group, and the message fragments."""
+    """Load `model` from the store at `root` (with `load_weights` keywords `kw`) and check the
+    exact error type, that it is no group, and the message fragments."""
     try:
         with anyio.fail_after(30):  # nothing here may hang
             await aw.load_weights(model, store=root, **kw)
@@ -107,7 +112,7 @@ async def test_a_str_is_always_a_model_name_never_a_path(
 ) -> None:
     builder.add_model(MODEL, random_weights({"w": (2,)}))
     opens = _Opens(monkeypatch)
-    exc = await fails(aw.InvalidNameError, store_root, name, "invalid model name")
+    exc = await fails(aw.InvalidNameError, store_root, "invalid model name", model=name)
     assert exc.model == name
     root = str(store_root)
     outside = [p for p in opens.paths if not p.startswith(root)]
@@ -140,7 +145,11 @@ async def test_a_manifest_path_that_is_no_regular_file_fails_at_once(
         path = tmp_path
         kind = "a directory"
     await fails(
-        aw.ManifestError, store_root, path, f"manifest is not a regular file ({kind})", str(path)
+        aw.ManifestError,
+        store_root,
+        f"manifest is not a regular file ({kind})",
+        str(path),
+        model=path,
     )
 
 
@@ -151,7 +160,7 @@ async def test_a_manifest_entry_replaced_by_a_fifo_fails_at_once(
     built.path.unlink()
     os.mkfifo(built.path)
     # A FIFO is no manifest entry (only files and links are): not found, at once.
-    await fails(aw.ModelNotFoundError, store_root, MODEL, "model not found in store")
+    await fails(aw.ModelNotFoundError, store_root, "model not found in store")
 
 
 # ------------------------------------------------------- 2. one way to open a store file
@@ -174,7 +183,6 @@ async def test_a_config_blob_that_is_no_regular_file_fails_at_once(
     await fails(
         aw.BlobError,
         store_root,
-        MODEL,
         f"config blob is not a regular file ({kind[special]})",
         f"model {MODEL!r}",
         built.config.digest,
@@ -202,7 +210,6 @@ async def test_a_huge_config_blob_is_refused_before_any_read(
     await fails(
         aw.BlobError,
         store_root,
-        MODEL,
         f"config blob is {huge} bytes, over Limits.max_config_bytes ({64 << 20})",
         config.digest,
     )
@@ -218,7 +225,6 @@ async def test_a_config_blob_larger_than_the_manifest_says_is_not_read(
     await fails(
         aw.SizeMismatchError,
         store_root,
-        MODEL,
         f"config blob is {1 << 30} bytes but the manifest says {built.config.size}",
     )
 
@@ -231,7 +237,6 @@ async def test_a_huge_manifest_is_refused_before_any_read(
     await fails(
         aw.ManifestError,
         store_root,
-        MODEL,
         f"manifest is {1 << 30} bytes, over Limits.max_manifest_bytes ({64 << 20})",
         f"model {MODEL!r}",
     )
@@ -245,7 +250,7 @@ async def test_a_tensor_blob_that_is_a_device_fails_at_once(
     path = blob_file(store_root, layer.digest)
     path.unlink()
     path.symlink_to("/dev/zero")
-    await fails(aw.BlobError, store_root, MODEL, "blob is not a regular file (a character device)")
+    await fails(aw.BlobError, store_root, "blob is not a regular file (a character device)")
 
 
 # --------------------------------------------------------------------- 3. errors, typed
@@ -274,7 +279,7 @@ async def test_anything_raised_while_evaluating_is_one_typed_error(
         raise raised[-1]
 
     monkeypatch.setattr(mx, "eval", failing_eval)
-    exc = await fails(expected, store_root, MODEL, message, f"model {MODEL!r}")
+    exc = await fails(expected, store_root, message, f"model {MODEL!r}")
     assert exc.__cause__ is raised[0]
     if case == "oserror":
         assert exc.errno == errno.EIO
@@ -295,7 +300,7 @@ async def test_anything_raised_while_planning_is_one_typed_error(
     monkeypatch.setattr(_read, "read_blob_head", failing)
     if case == "oserror":  # the planner words it, naming the blob it was reading
         message = "cannot read blob header: Input/output error"
-    exc = await fails(expected, store_root, MODEL, message)
+    exc = await fails(expected, store_root, message)
     assert exc.__cause__ is not None
     assert not isinstance(exc.__cause__, BaseExceptionGroup)
 
@@ -367,7 +372,6 @@ async def test_layer_count_cap(builder: StoreBuilder, store_root: Path) -> None:
     await fails(
         aw.ManifestError,
         store_root,
-        MODEL,
         "manifest has 4 layers, over Limits.max_layers (3)",
         limits=aw.Limits(max_layers=3),
     )
@@ -379,7 +383,6 @@ async def test_layer_name_cap(builder: StoreBuilder, store_root: Path) -> None:
     await fails(
         aw.ManifestError,
         store_root,
-        MODEL,
         "layer 0 has a name of 40 bytes, over Limits.max_name_bytes (32)",
         limits=aw.Limits(max_name_bytes=32),
     )
@@ -394,7 +397,6 @@ async def test_header_bytes_cap_is_checked_before_the_header_is_read(
     await fails(
         aw.HeaderError,
         store_root,
-        MODEL,
         f"header length {size} is over Limits.max_header_bytes (256)",
         layer.digest,
         limits=aw.Limits(max_header_bytes=256, direct_read_bytes=0),
@@ -407,14 +409,12 @@ async def test_tensor_count_and_tensor_name_caps(builder: StoreBuilder, store_ro
     await fails(
         aw.HeaderError,
         store_root,
-        MODEL,
         "header has 3 tensors, over Limits.max_tensors (2)",
         limits=aw.Limits(max_tensors=2),
     )
     await fails(
         aw.HeaderError,
         store_root,
-        MODEL,
         "tensor name of 50 bytes, over Limits.max_name_bytes (40)",
         limits=aw.Limits(max_name_bytes=40),
     )
@@ -445,7 +445,7 @@ async def test_a_duplicate_key_in_a_big_header_is_found(
     text = ("{" + entries + ',"t7":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}').encode()
     layer = builder.add_bytes("w", len(text).to_bytes(8, "little") + text + bytes(3000))
     builder.write_manifest(MODEL, [layer])
-    await fails(aw.HeaderError, store_root, MODEL, "duplicate key 't7' in header", "tensor 't7'")
+    await fails(aw.HeaderError, store_root, "duplicate key 't7' in header", "tensor 't7'")
 
 
 async def test_a_manifest_over_64_kib_is_decoded_in_steps_and_loads(

@@ -8,10 +8,7 @@ measured by examples/bench_server.py, not here.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -20,7 +17,8 @@ import pytest
 
 from asyncweights.testing import StoreBuilder, random_weights
 
-SERVER = Path(__file__).resolve().parent.parent / "examples" / "server.py"
+from .server_support import SERVER, serve
+
 KiB = 1 << 10
 TENSORS = 16
 MODEL_BYTES = TENSORS * 128 * KiB
@@ -55,19 +53,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         shapes = {f"transformer/blocks.{i}.weight": (64, 1024) for i in range(TENSORS)}
         builder.add_model(name, random_weights(shapes, seed=seed))
     args = ["--store", str(root), "--port", "0", "--group-bytes", str(128 * KiB)]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LAUNCH, *args], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:"), line
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with serve(["-c", LAUNCH, *args]) as (url, _):
+        yield url
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ import pytest
 
 from asyncweights.testing import StoreBuilder, random_weights
 
-SERVER = Path(__file__).resolve().parent.parent / "examples" / "server.py"
+from .server_support import SERVER, serve
+
 MAX_BODY = 64 * 1024
 
 
@@ -61,21 +61,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     blob = root / "blobs" / fifo.layers[0].digest.replace(":", "-")
     blob.unlink()
     os.mkfifo(blob)
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER), "--store", str(root), "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:"), line
-        yield Server(line.split()[-1], proc, root)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with serve([str(SERVER), "--store", str(root), "--port", "0"]) as (url, proc):
+        yield Server(url, proc, root)
 
 
 @pytest.fixture

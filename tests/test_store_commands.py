@@ -20,6 +20,8 @@ from safetensors.numpy import save_file
 import asyncweights as aw
 from asyncweights.testing import LayoutName, StoreBuilder, random_weights
 
+from .cli_support import cli
+
 SHAPES = {"model.layers.0.mlp.up_proj.weight": (64, 128), "model.norm.weight": (64,)}
 TENSOR_LAYOUTS: dict[str, LayoutName] = {
     "legacy:latest": "legacy",
@@ -91,18 +93,6 @@ EXPECTED_KINDS = {
 def all_kinds(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     root = tmp_path / "store"
     return root, build_all_kinds(root, tmp_path)
-
-
-def cli(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
-    environ.pop("OLLAMA_MODELS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "asyncweights", *args],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=120,
-    )
 
 
 def sha256(data: bytes) -> str:

@@ -840,16 +840,12 @@ async def cmd_import(args: argparse.Namespace, out: Output) -> Result:
     from ._import import import_model
 
     store = ModelStore(args.store)
-    before = set(_blob_names(store))
-    out.start(f"importing {args.name}", 0)
-    started = time.perf_counter()
-    model = await import_model(
-        args.directory, args.name, store=store, layout=args.layout, quantize=args.quantize,
-        variant=args.variant, force=args.force, on_progress=out.on_progress,
+    write = functools.partial(
+        import_model, args.directory, args.name, store=store, layout=args.layout,
+        quantize=args.quantize, variant=args.variant, force=args.force,
+        on_progress=out.on_progress,
     )  # fmt: skip
-    seconds = time.perf_counter() - started
-    out.clear()
-    after = set(_blob_names(store))
+    model, seconds, new_names = await _writing(out, store, f"importing {args.name}", write)
     digests = {layer.digest for layer in [model.manifest.config, *model.manifest.layers]}
     _, facts = await _describe(model)
     data = {
@@ -860,7 +856,7 @@ async def cmd_import(args: argparse.Namespace, out: Output) -> Result:
         "quantize": args.quantize,
         "tensors": facts["tensors"],
         "blobs": len(digests),
-        "new_blobs": len(after - before),
+        "new_blobs": len(new_names),
         "bytes": facts["size"],
         "seconds": round(seconds, 4),
         "quantization": facts["quantization"],
@@ -887,16 +883,11 @@ async def cmd_pull(args: argparse.Namespace, out: Output) -> Result:
     from ._pull import pull
 
     store = ModelStore(args.store)
-    before = set(_blob_names(store))
-    out.start(f"pulling {args.model}", 0)
-    started = time.perf_counter()
-    model = await pull(
-        args.model, store=store, registry=_registry(args), insecure=args.insecure,
+    write = functools.partial(
+        pull, args.model, store=store, registry=_registry(args), insecure=args.insecure,
         verify=args.verify, on_progress=out.on_progress,
     )  # fmt: skip
-    seconds = time.perf_counter() - started
-    out.clear()
-    new_names = set(_blob_names(store)) - before
+    model, seconds, new_names = await _writing(out, store, f"pulling {args.model}", write)
     layers = [model.manifest.config, *model.manifest.layers]
     sizes = {layer.digest: layer.size for layer in layers}
     new = [digest for digest in sizes if digest.replace(":", "-") in new_names]
@@ -918,6 +909,20 @@ async def cmd_pull(args: argparse.Namespace, out: Output) -> Result:
         f"  {model.digest}",
     ]
     return Result(data, lines)
+
+
+async def _writing(
+    out: Output, store: ModelStore, description: str, write: Callable[[], Awaitable[Model]]
+) -> tuple[Model, float, set[str]]:
+    """Run `write` (an import or a pull into `store`) under a progress bar titled
+    `description`: the model it wrote, its wall seconds, and the blob file names it added."""
+    before = set(_blob_names(store))
+    out.start(description, 0)
+    started = time.perf_counter()
+    model = await write()
+    seconds = time.perf_counter() - started
+    out.clear()
+    return model, seconds, set(_blob_names(store)) - before
 
 
 def _blob_names(store: ModelStore) -> list[str]:
