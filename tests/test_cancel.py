@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
@@ -285,3 +286,39 @@ async def test_cancelling_one_load_leaves_the_others_alone(
     assert len(results) == 6
     for result in results.values():
         assert_complete(result, model.expected)
+
+
+async def test_a_cancelled_load_frees_its_arrays_in_a_worker_thread(
+    model: BuiltModel, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Freeing a partly loaded model unmaps every page it filled (tens of ms a GiB): the event
+    # loop's thread must not be the one doing it.
+    from asyncweights import _load as load_module
+
+    freed: list[tuple[int, int, int]] = []
+    real_free = load_module._free
+
+    def recording_free(arrays: dict[str, mx.array]) -> None:
+        given = len(arrays)
+        real_free(arrays)
+        freed.append((threading.get_ident(), given, len(arrays)))
+
+    monkeypatch.setattr(load_module, "_free", recording_free)
+    gc.collect()
+    mx.clear_cache()
+    memory_before = mx.get_active_memory()
+    loop_thread = threading.get_ident()
+    with anyio.CancelScope() as scope:
+
+        async def on_progress(event: aw.Progress) -> None:
+            if event.completed_tensors:  # one group in: cancel with arrays already loaded
+                scope.cancel()
+
+        await _load(store_root, on_progress=on_progress)
+    assert scope.cancelled_caught
+    assert len(freed) == 1
+    thread, given, left = freed[0]
+    assert thread != loop_thread
+    assert given >= 1  # the load really held arrays when it was cancelled
+    assert left == 0
+    assert_clean(store_root, memory_before)

@@ -171,9 +171,13 @@ async def _weights(pipeline: AbstractAsyncContextManager[tuple[Plan, _Groups]]) 
             await _collect(groups, arrays, info)
     except BaseException as exc:
         # A traceback that outlives the load (asyncio keeps some) must not pin its arrays.
-        arrays.clear()
         info.clear()
         traceback.clear_frames(exc.__traceback__)
+        # Freeing what was loaded costs the kernel ~70 ms a GiB here (every page unmapped):
+        # done in a worker thread, so a cancelled load does not stall the event loop for it
+        # (measured: 41-115 ms of loop lag at a cancel 30% into the big bench model).
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_free, arrays)
         raise
     order = [t.name for blob in plan.blobs for t in blob.tensors]
     return Weights(
@@ -184,6 +188,12 @@ async def _weights(pipeline: AbstractAsyncContextManager[tuple[Plan, _Groups]]) 
         quantization=plan.quantization,
         metadata=plan.metadata,
     )
+
+
+def _free(arrays: dict[str, mx.array]) -> None:
+    """Drop `arrays` one at a time: between two, the thread lets go of the GIL if asked."""
+    while arrays:
+        arrays.popitem()
 
 
 async def _collect(
