@@ -74,6 +74,19 @@ def cache(store_root: Path, max_bytes: int | None = None) -> aw.WeightCache:
     return aw.WeightCache(max_bytes, store=store_root, limits=LIMITS)
 
 
+class FirstBytes:
+    """A progress callback that keeps every event and sets `started` once bytes are in."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.events: list[aw.Progress] = []
+
+    async def __call__(self, event: aw.Progress) -> None:
+        self.events.append(event)
+        if event.completed_bytes:
+            self.started.set()
+
+
 def assert_exact(weights: aw.Weights, built: BuiltModel, component: str | None) -> None:
     expected = built.component(component)
     assert sorted(weights) == sorted(expected)
@@ -154,12 +167,8 @@ async def test_an_opened_model_shares_the_key_of_its_name(
 async def test_cancelling_one_waiter_keeps_the_load_for_the_others(
     store_root: Path, toy: BuiltModel, calls: Calls
 ) -> None:
-    started = anyio.Event()
+    mark = FirstBytes()
     got: list[aw.Weights] = []
-
-    async def mark(event: aw.Progress) -> None:
-        if event.completed_bytes:
-            started.set()
 
     async with cache(store_root) as c:
         leaver = anyio.CancelScope()
@@ -177,7 +186,7 @@ async def test_cancelling_one_waiter_keeps_the_load_for_the_others(
         async with anyio.create_task_group() as tg:
             tg.start_soon(stays)
             tg.start_soon(leaves)
-            await started.wait()
+            await mark.started.wait()
             assert c.stats.waiters == 2
             leaver.cancel()
         stats = c.stats
@@ -190,13 +199,7 @@ async def test_cancelling_one_waiter_keeps_the_load_for_the_others(
 async def test_last_waiter_leaving_cancels_the_load_and_frees_it(
     store_root: Path, toy: BuiltModel, calls: Calls
 ) -> None:
-    started = anyio.Event()
-    events: list[aw.Progress] = []
-
-    async def mark(event: aw.Progress) -> None:
-        events.append(event)
-        if event.completed_bytes:
-            started.set()
+    mark = FirstBytes()
 
     async with cache(store_root) as c:
         async with anyio.create_task_group() as tg:
@@ -206,12 +209,12 @@ async def test_last_waiter_leaving_cancels_the_load_and_frees_it(
                     pytest.fail("the cancelled waiter got weights")
 
             tg.start_soon(leaves)
-            await started.wait()
+            await mark.started.wait()
             tg.cancel_scope.cancel()
         # The lease returned only after the load had ended: nothing of it is left.
         wait_quiet(store_root, timeout=0.5)
         stats = c.stats
-        assert events[-1].completed_bytes < MODEL_BYTES
+        assert mark.events[-1].completed_bytes < MODEL_BYTES
         assert (stats.loads, stats.cancellations, stats.loading, stats.entries) == (1, 1, 0, 0)
         assert (stats.bytes_held, stats.bytes_reserved, stats.waiters) == (0, 0, 0)
         async with c.lease("toy", "transformer") as weights:  # a fresh load, not a dead one
@@ -401,11 +404,7 @@ async def test_every_waiter_gets_the_failure(
 
 async def test_close_cancels_loads_and_releases_entries(store_root: Path, toy: BuiltModel) -> None:
     errors: list[BaseException] = []
-    started = anyio.Event()
-
-    async def mark(event: aw.Progress) -> None:
-        if event.completed_bytes:
-            started.set()
+    mark = FirstBytes()
 
     async with anyio.create_task_group() as tg, cache(store_root) as c:
         async with c.lease("toy", "vae") as vae:
@@ -419,7 +418,7 @@ async def test_close_cancels_loads_and_releases_entries(store_root: Path, toy: B
                 errors.append(exc)
 
         tg.start_soon(waiter)
-        await started.wait()
+        await mark.started.wait()
     assert [str(e) for e in errors] == ["the cache was closed while loading (model 'toy')"]
     assert len(vae) == 0
     wait_quiet(store_root)

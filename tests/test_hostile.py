@@ -367,25 +367,49 @@ async def test_nul_in_a_path_or_name_is_a_typed_error(store_root: Path, tmp_path
 # ---------------------------------------------------------------- 4. caps on metadata
 
 
-async def test_layer_count_cap(builder: StoreBuilder, store_root: Path) -> None:
+def _three_layers(builder: StoreBuilder) -> None:
     builder.add_model(MODEL, random_weights({"a": (2,), "b": (2,), "c": (2,)}))
-    await fails(
-        aw.ManifestError,
-        store_root,
-        "manifest has 4 layers, over Limits.max_layers (3)",
-        limits=aw.Limits(max_layers=3),
-    )
 
 
-async def test_layer_name_cap(builder: StoreBuilder, store_root: Path) -> None:
-    layer = builder.add_blob("n" * 40, {"w": mx.zeros((2,))})
-    builder.write_manifest(MODEL, [layer])
-    await fails(
-        aw.ManifestError,
-        store_root,
+def _long_layer_name(builder: StoreBuilder) -> None:
+    builder.write_manifest(MODEL, [builder.add_blob("n" * 40, {"w": mx.zeros((2,))})])
+
+
+def _three_tensors_one_long_name(builder: StoreBuilder) -> None:
+    tensors = {"a": mx.zeros((2,)), "b": mx.zeros((2,)), "c" * 50: mx.ones(1)}
+    builder.write_manifest(MODEL, [builder.add_blob("w", tensors)])
+
+
+# How to build a model over one cap, the error, its message, and the Limits with that cap.
+Cap = tuple[Callable[[StoreBuilder], None], type[aw.AsyncWeightsError], str, aw.Limits]
+_CAPS: dict[str, Cap] = {
+    "layers": (
+        _three_layers, aw.ManifestError, "manifest has 4 layers, over Limits.max_layers (3)",
+        aw.Limits(max_layers=3),
+    ),
+    "layer-name": (
+        _long_layer_name, aw.ManifestError,
         "layer 0 has a name of 40 bytes, over Limits.max_name_bytes (32)",
-        limits=aw.Limits(max_name_bytes=32),
-    )
+        aw.Limits(max_name_bytes=32),
+    ),
+    "tensors": (
+        _three_tensors_one_long_name, aw.HeaderError,
+        "header has 3 tensors, over Limits.max_tensors (2)", aw.Limits(max_tensors=2),
+    ),
+    "tensor-name": (
+        _three_tensors_one_long_name, aw.HeaderError,
+        "tensor name of 50 bytes, over Limits.max_name_bytes (40)", aw.Limits(max_name_bytes=40),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("cap", _CAPS)
+async def test_each_metadata_cap_names_itself(
+    builder: StoreBuilder, store_root: Path, cap: str
+) -> None:
+    build, error, message, limits = _CAPS[cap]
+    build(builder)
+    await fails(error, store_root, message, limits=limits)
 
 
 async def test_header_bytes_cap_is_checked_before_the_header_is_read(
@@ -400,23 +424,6 @@ async def test_header_bytes_cap_is_checked_before_the_header_is_read(
         f"header length {size} is over Limits.max_header_bytes (256)",
         layer.digest,
         limits=aw.Limits(max_header_bytes=256, direct_read_bytes=0),
-    )
-
-
-async def test_tensor_count_and_tensor_name_caps(builder: StoreBuilder, store_root: Path) -> None:
-    layer = builder.add_blob("w", {"a": mx.zeros((2,)), "b": mx.zeros((2,)), "c" * 50: mx.ones(1)})
-    builder.write_manifest(MODEL, [layer])
-    await fails(
-        aw.HeaderError,
-        store_root,
-        "header has 3 tensors, over Limits.max_tensors (2)",
-        limits=aw.Limits(max_tensors=2),
-    )
-    await fails(
-        aw.HeaderError,
-        store_root,
-        "tensor name of 50 bytes, over Limits.max_name_bytes (40)",
-        limits=aw.Limits(max_name_bytes=40),
     )
 
 

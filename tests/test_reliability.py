@@ -1010,6 +1010,12 @@ def _between_plan_and_load(monkeypatch: pytest.MonkeyPatch, action: Callable[[],
     monkeypatch.setattr(_load, "make_plan", make_plan)
 
 
+def _second_blob(builder: StoreBuilder, store_root: Path) -> tuple[Layer, Path]:
+    """A model of tensors "a" (2,) and "b" (3, 4) in their own blobs: b's layer and file."""
+    model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3, 4)}))
+    return model.layers[1], blob_path(store_root, model.layers[1].digest)
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-read", "mx-load"])
 async def test_blob_deleted_between_planning_and_loading(
     builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
@@ -1028,9 +1034,7 @@ async def test_blob_deleted_between_planning_and_loading(
 async def test_blob_replaced_by_another_shape_between_planning_and_loading(
     builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
-    model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3, 4)}))
-    layer = model.layers[1]
-    path = blob_path(store_root, layer.digest)
+    layer, path = _second_blob(builder, store_root)
     other = StoreBuilder(store_root.parent / "other").add_blob(
         "b", {"b": mx.zeros((2, 4), dtype=mx.float32)}
     )
@@ -1050,9 +1054,7 @@ async def test_blob_replaced_by_another_shape_between_planning_and_loading(
 async def test_blob_rewritten_same_shape_is_caught_by_verify(
     builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
-    model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3, 4)}))
-    layer = model.layers[1]
-    path = blob_path(store_root, layer.digest)
+    layer, path = _second_blob(builder, store_root)
 
     def flip() -> None:
         data = bytearray(path.read_bytes())
