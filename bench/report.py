@@ -158,10 +158,9 @@ def targets(doc: Doc) -> list[dict[str, str]]:
             row(figure, "≤ 20 ms", "—", None)
             row(f"cancel, {model} warm: left right after return (worst run)", "nothing", "—", None)
             continue
-        counted = ", ".join(
-            f"{label} {sum(r['strategy'] == s for r in ok)} runs"
-            for s, label in (("aw_cancel", "asyncio"), ("aw_cancel_trio", "trio"))
-        )
+        runs = {label: sum(r["strategy"] == s for r in ok)
+                for s, label in (("aw_cancel", "asyncio"), ("aw_cancel_trio", "trio"))}  # fmt: skip
+        counted = ", ".join(f"{k} {f'{n} runs' if n else 'not run'}" for k, n in runs.items())
         lat = statistics.median(r["cancel_latency_ms"] for r in ok)
         worst = max(r["cancel_latency_ms"] for r in ok)
         row(figure, "≤ 20 ms", f"{lat:.1f} ms ({worst:.1f} ms; {counted})", lat <= 20)
