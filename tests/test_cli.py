@@ -444,6 +444,15 @@ def test_every_command_escapes_hostile_names_and_paths(
     assert listed["store"] == str(root)
     assert listed["models"][0]["components"] == ["vae", HOSTILE_COMPONENT]
 
+    # load of a manifest given by a hostile path, with its progress bar.
+    manifest = tmp_path / f"m{HOSTILE_COMPONENT}"
+    manifest.write_bytes(built.path.read_bytes())
+    status, out, err = run_cli(capsys, "load", str(manifest), *store, "--progress")
+    assert status == 0, err
+    assert_printable(out, err.replace("\r", ""))
+    assert out.startswith(f"loaded {tmp_path}/m{ESCAPED}: 2 tensors")
+    assert "loading" in err  # the bar was drawn
+
     # verify: a damaged blob of the hostile layer is reported by its escaped name.
     layer = next(la for la in built.layers if la.name and la.name.startswith(HOSTILE_COMPONENT))
     blob = root / "blobs" / layer.digest.replace(":", "-")
