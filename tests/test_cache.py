@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -568,13 +567,13 @@ async def test_a_lease_plans_once_reading_each_header_once(
     shapes = {f"blocks.{i}.weight": (4, 8) for i in range(5)}
     builder.add_model("five:latest", random_weights(shapes, seed=5))
     reads: list[str] = []
-    real = _header.read_blob_head
+    real = _header.head_of
 
-    def counted(path: Any, **kwargs: Any) -> Any:
-        reads.append(os.fspath(path))
-        return real(path, **kwargs)
+    def counted(f: Any, **kwargs: Any) -> Any:
+        reads.append(f.path)
+        return real(f, **kwargs)
 
-    monkeypatch.setattr(_read, "read_blob_head", counted)
+    monkeypatch.setattr(_read, "head_of", counted)
     async with aw.WeightCache(store=store_root) as cache, cache.lease("five") as weights:
         assert sorted(weights) == sorted(shapes)
     assert len(reads) == 5

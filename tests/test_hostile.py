@@ -297,7 +297,7 @@ async def test_anything_raised_while_planning_is_one_typed_error(
     def failing(*args: Any, **kwargs: Any) -> Any:
         raise make()
 
-    monkeypatch.setattr(_read, "read_blob_head", failing)
+    monkeypatch.setattr(_read, "head_of", failing)
     if case == "oserror":  # the planner words it, naming the blob it was reading
         message = "cannot read blob header: Input/output error"
     exc = await fails(expected, store_root, message)
@@ -494,3 +494,94 @@ def test_limits_reject_caps_below_one() -> None:
     ):
         with pytest.raises(ValueError, match=f"Limits.{cap} must be at least 1"):
             aw.Limits(**{cap: 0})  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------- one open per blob, files changing under it
+
+
+def _independent(data: bytes) -> dict[str, bytes]:
+    """Each tensor's bytes of a safetensors file, read with json and slicing only."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    return {
+        k: data[8 + n + v["data_offsets"][0] : 8 + n + v["data_offsets"][1]]
+        for k, v in header.items()
+    }
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
+@pytest.mark.parametrize("held", [True, False], ids=["held-open", "read-whole"])
+async def test_blob_swapped_many_times_during_loads_loads_one_version_or_fails(
+    builder: StoreBuilder, store_root: Path, verify: bool, held: bool
+) -> None:
+    """A thread swaps one blob between two versions (atomic renames, and in-place rewrites
+    when verifying) while loads run, for a bounded time. Every load either fails with one
+    typed error or returns exactly one version's validated bytes, never a mix: each blob is
+    opened once and its data read through the descriptor its header was checked through."""
+    shapes = {"a": (64, 64), "b": (32,), "c": (48, 16)}
+    model = builder.add_model(MODEL, random_weights(shapes, seed=3))
+    layer = next(x for x in model.layers if x.name == "b")
+    path = blob_file(store_root, layer.digest)
+    original = path.read_bytes()
+    n = int.from_bytes(original[:8], "little")
+    flipped = original[: 8 + n] + bytes(x ^ 0xFF for x in original[8 + n :])
+    versions = {_independent(original)["b"], _independent(flipped)["b"]}
+    assert len(versions) == 2
+    spare = store_root.parent / "spare"
+    spare.mkdir()
+    limits = aw.Limits(workers=2, group_bytes=4096, prefetch_bytes=0 if held else 1 << 30)
+    stop = threading.Event()
+
+    def swapper() -> None:
+        i = 0
+        while not stop.is_set():
+            data = flipped if i % 2 else original
+            if verify and i % 3 == 0:
+                with open(path, "r+b") as f:  # in place: a load may see half of each
+                    f.seek(8 + n)
+                    f.write(data[8 + n :])
+            else:
+                tmp = spare / f"v{i}"
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            i += 1
+
+    expected = {k: bytes(memoryview(v)) for k, v in model.expected.items()}  # type: ignore[arg-type]
+    await aw.load_weights(MODEL, store=store_root, verify=verify, limits=limits)  # pools made
+    threads = _our_threads()
+    loaded = failed = 0
+    thread = threading.Thread(target=swapper, daemon=True)
+    thread.start()
+    try:
+        with anyio.fail_after(20):
+            deadline = anyio.current_time() + 1.5
+            while anyio.current_time() < deadline:
+                try:
+                    weights = await aw.load_weights(
+                        MODEL, store=store_root, verify=verify, limits=limits
+                    )
+                except (aw.BlobError, aw.HeaderError):  # any other error fails the test
+                    failed += 1
+                    continue
+                got = {k: bytes(memoryview(v)) for k, v in weights.items()}  # type: ignore[arg-type]
+                del weights
+                assert got["b"] in versions  # one version whole, never a mix
+                if verify:
+                    assert got["b"] == _independent(original)["b"]  # what the digest names
+                assert {k: v for k, v in got.items() if k != "b"} == {
+                    k: v for k, v in expected.items() if k != "b"
+                }
+                loaded += 1
+    finally:
+        stop.set()
+        thread.join(5)
+    path.write_bytes(original)
+    assert loaded + failed >= 5, (loaded, failed)
+    assert loaded >= 1  # the version a load checked is the version it returns
+    wait_quiet(store_root)
+    assert _our_threads() == threads  # and the autouse fixture: no fd, MLX memory back
+
+
+def _our_threads() -> int:
+    return sum(t.name.startswith("asyncweights") for t in threading.enumerate())

@@ -999,15 +999,44 @@ def _reread(direct: bool) -> aw.Limits:
     return aw.Limits(direct_read_bytes=1 << 20 if direct else 0, prefetch_bytes=0)
 
 
-def _between_plan_and_load(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
-    real = _load.make_plan
+async def _fails_planned(
+    exc_type: type[aw.AsyncWeightsError],
+    root: Path,
+    action: Callable[[], None],
+    *fragments: str,
+    limits: aw.Limits,
+    verify: bool = False,
+) -> aw.AsyncWeightsError:
+    """A load planned whole first (as `WeightCache` plans), `action` run between the plan
+    and the load: the load opens each blob again and must prove it is the file planned."""
+    model = await aw.ModelStore(root).open(MODEL)
+    plan = await _load.make_plan(model, None, limits)
+    action()
+    with pytest.raises(aw.AsyncWeightsError) as info:
+        await _load.load_plan(plan, limits=limits, verify=verify)
+    exc = info.value
+    assert type(exc) is exc_type, repr(exc)
+    for fragment in fragments:
+        assert fragment in str(exc), (fragment, str(exc))
+    return exc
 
-    async def make_plan(*args: Any, **kwargs: Any) -> Any:
-        plan = await real(*args, **kwargs)
-        action()
-        return plan
 
-    monkeypatch.setattr(_load, "make_plan", make_plan)
+def _after_first_group_planned(
+    monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]
+) -> list[int]:
+    """Run `action` once in a streamed load, after the first group's headers were checked
+    and before its data is read (the other headers are checked later, as it streams)."""
+    real = _read.load_group
+    calls: list[int] = []
+
+    def load_group(*args: Any, **kwargs: Any) -> Any:
+        if not calls:
+            action()
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_load, "load_group", load_group)
+    return calls
 
 
 def _second_blob(builder: StoreBuilder, store_root: Path) -> tuple[Layer, Path]:
@@ -1018,41 +1047,42 @@ def _second_blob(builder: StoreBuilder, store_root: Path) -> tuple[Layer, Path]:
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-read", "mx-load"])
 async def test_blob_deleted_between_planning_and_loading(
-    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+    builder: StoreBuilder, store_root: Path, direct: bool
 ) -> None:
     model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3,), "c": (4,)}))
     layer = model.layers[1]
-    _between_plan_and_load(monkeypatch, blob_path(store_root, layer.digest).unlink)
-    limits = _reread(direct)
-    exc = await fails(
-        aw.BlobMissingError, store_root, *names_blob(store_root, layer), limits=limits
+    exc = await _fails_planned(
+        aw.BlobMissingError,
+        store_root,
+        blob_path(store_root, layer.digest).unlink,
+        *names_blob(store_root, layer),
+        limits=_reread(direct),
     )
     assert exc.errno == errno.ENOENT
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-read", "mx-load"])
 async def test_blob_replaced_by_another_shape_between_planning_and_loading(
-    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+    builder: StoreBuilder, store_root: Path, direct: bool
 ) -> None:
     layer, path = _second_blob(builder, store_root)
     other = StoreBuilder(store_root.parent / "other").add_blob(
         "b", {"b": mx.zeros((2, 4), dtype=mx.float32)}
     )
     replacement = blob_path(store_root.parent / "other", other.digest)
-    _between_plan_and_load(monkeypatch, lambda: os.replace(replacement, path))
-    limits = _reread(direct)
-    await fails(
+    await _fails_planned(
         aw.BlobError,
         store_root,
+        lambda: os.replace(replacement, path),
         "blob changed while loading",
         *names_blob(store_root, layer),
-        limits=limits,
+        limits=_reread(direct),
     )
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-read", "mx-load"])
 async def test_blob_rewritten_same_shape_is_caught_by_verify(
-    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+    builder: StoreBuilder, store_root: Path, direct: bool
 ) -> None:
     layer, path = _second_blob(builder, store_root)
 
@@ -1061,26 +1091,85 @@ async def test_blob_rewritten_same_shape_is_caught_by_verify(
         data[-1] ^= 0xFF
         path.write_bytes(bytes(data))
 
-    _between_plan_and_load(monkeypatch, flip)
-    limits = _reread(direct)
     fragments = ("blob bytes hash to sha256:", *names_blob(store_root, layer))
-    await fails(aw.DigestMismatchError, store_root, *fragments, verify=True, limits=limits)
+    await _fails_planned(
+        aw.DigestMismatchError, store_root, flip, *fragments, limits=_reread(direct), verify=True
+    )
+
+
+# A streamed load (load_weights, stream_weights) reads each blob through the descriptor its
+# header was checked through: a file deleted or replaced at its path afterwards changes
+# nothing, and what loads is exactly what was validated.
+_HELD = aw.Limits(workers=1, group_bytes=1, prefetch_bytes=0)  # every blob held open
+
+
+@pytest.mark.parametrize("limits", [_HELD, aw.Limits()], ids=["held-open", "read-whole"])
+async def test_streamed_load_keeps_the_files_it_checked(
+    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch, limits: aw.Limits
+) -> None:
+    model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3, 4), "c": (5,)}))
+    paths = [blob_path(store_root, layer.digest) for layer in model.layers[:3]]
+    other = StoreBuilder(store_root.parent / "other").add_blob(
+        "a", {"a": mx.zeros((7,), dtype=mx.float32)}
+    )
+    replacement = blob_path(store_root.parent / "other", other.digest)
+
+    def swap_first() -> None:
+        os.replace(replacement, paths[0])  # the first group's blob, already checked
+
+    calls = _after_first_group_planned(monkeypatch, swap_first)
+    weights = await aw.load_weights(MODEL, store=store_root, verify=True, limits=limits)
+    assert calls
+    assert_bit_exact(weights, model.expected)
+
+
+async def test_streamed_load_blob_deleted_before_its_header_is_read(
+    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob of a later group, gone before the planner reaches it: the load fails with the
+    planner's typed error, mid-load, and nothing is returned."""
+    model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3,), "c": (4,)}))
+    layer = model.layers[2]
+    _after_first_group_planned(monkeypatch, blob_path(store_root, layer.digest).unlink)
+    exc = await fails(
+        aw.BlobMissingError, store_root, *names_blob(store_root, layer, "c"), limits=_HELD
+    )
+    assert exc.errno == errno.ENOENT
+
+
+async def test_streamed_load_blob_rewritten_in_place_is_caught_by_verify(
+    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same file changed in place after its header was checked: the descriptor sees the
+    change, and ``verify=True`` hashes exactly the bytes read through it."""
+    model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3, 4)}))
+    layer = model.layers[0]
+    path = blob_path(store_root, layer.digest)
+
+    def flip() -> None:
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0xFF]))
+
+    _after_first_group_planned(monkeypatch, flip)
+    fragments = ("blob bytes hash to sha256:", *names_blob(store_root, layer))
+    await fails(aw.DigestMismatchError, store_root, *fragments, verify=True, limits=_HELD)
 
 
 async def test_small_blob_changed_after_planning_loads_the_bytes_validated(
-    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch
+    builder: StoreBuilder, store_root: Path
 ) -> None:
     # Planning reads small blobs whole and keeps them: what loads is what was validated,
-    # whatever happens to the file afterwards.
+    # whatever happens to the file afterwards (a plan made whole first, as the cache does).
     model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3, 4)}))
     paths = [blob_path(store_root, layer.digest) for layer in model.layers[:2]]
-
-    def unlink_both() -> None:
-        for p in paths:
-            p.unlink()
-
-    _between_plan_and_load(monkeypatch, unlink_both)
-    weights = await aw.load_weights(MODEL, store=store_root, verify=True)
+    opened = await aw.ModelStore(store_root).open(MODEL)
+    plan = await _load.make_plan(opened, None, aw.Limits())
+    for p in paths:
+        p.unlink()
+    weights = await _load.load_plan(plan, verify=True)
     assert_bit_exact(weights, model.expected)
 
 

@@ -22,7 +22,7 @@ import mlx.core as mx
 import msgspec
 
 from ._errors import HeaderError, UnsupportedDTypeError
-from ._files import open_file
+from ._files import StoreFile, open_file
 from ._json import FAST_BYTES, JSONError, gc_paused, loads_stepwise, release
 from ._limits import Limits
 
@@ -521,31 +521,48 @@ def read_blob_head(
         The validated header, and the whole file's bytes when it was read whole (its header
         is the one validated: the data can be loaded later without opening the file again).
     """
-    key = os.fspath(path)
+    with open_file(path, "blob", expected_size=expected_size) as f:
+        return head_of(f, whole_upto=whole_upto, limits=limits)
+
+
+def head_of(
+    f: StoreFile, *, whole_upto: int, limits: Limits | None = None, fresh: bool = False
+) -> tuple[BlobHeader, bytes | bytearray | None]:
+    """The validated header of an open blob (and its bytes when read whole), through `f`.
+
+    Args:
+        fresh: read the header bytes through `f` even when a header of the same file
+            identity was parsed before, and use that one only if the bytes are equal: the
+            header is then proved on this very descriptor (a load reads the data through it).
+
+    Raises:
+        HeaderError: the header breaks a rule.
+        BlobError, LoadError: the file shrank or could not be read.
+    """
+    key = f.path
     limits = limits or _DEFAULT_LIMITS
     data: bytes | bytearray | None = None
-    with open_file(key, "blob", expected_size=expected_size) as f:
-        signature = f.identity
-        cached = _CACHE.get(key, signature)
-        if f.size <= whole_upto:
-            data = f.read_all()
-            if cached is not None and data[: cached.data_start] == cached.raw:
-                header = cached
-            else:
-                header = parse_header(data, len(data), limits)
-                _CACHE.put(key, signature, header)
-        elif cached is not None:
+    signature = f.identity
+    cached = _CACHE.get(key, signature)
+    if f.size <= whole_upto:
+        data = f.read_all()
+        if cached is not None and data[: cached.data_start] == cached.raw:
             header = cached
         else:
-            raw: bytes | bytearray = f.read(_FIRST_READ, 0)
-            if len(raw) >= 8:
-                n = int.from_bytes(raw[:8], "little")
-                # Only a length within the caps is read: the cap is checked before the bytes.
-                fits = 0 < n < MAX_HEADER and n <= limits.max_header_bytes
-                if 8 + n > len(raw) and fits and 8 + n <= f.size:
-                    raw = f.read(8 + n, 0)  # one pread from the start: no copy, no join
-            header = parse_header(raw, f.size, limits)
+            header = parse_header(data, len(data), limits)
             _CACHE.put(key, signature, header)
+    elif cached is not None and (not fresh or f.read(cached.data_start, 0) == cached.raw):
+        header = cached
+    else:
+        raw: bytes | bytearray = f.read(_FIRST_READ, 0)
+        if len(raw) >= 8:
+            n = int.from_bytes(raw[:8], "little")
+            # Only a length within the caps is read: the cap is checked before the bytes.
+            fits = 0 < n < MAX_HEADER and n <= limits.max_header_bytes
+            if 8 + n > len(raw) and fits and 8 + n <= f.size:
+                raw = f.read(8 + n, 0)  # one pread from the start: no copy, no join
+        header = parse_header(raw, f.size, limits)
+        _CACHE.put(key, signature, header)
     if header is cached and cached is not None:
         try:
             check_caps(header, limits)  # parsed before, perhaps under larger caps

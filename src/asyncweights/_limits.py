@@ -35,7 +35,10 @@ class Limits:
             copied into MLX arrays (fast for small tensors); larger ones go through
             ``mx.load``, which reads straight into fresh MLX buffers.
         prefetch_bytes: small blobs read whole while planning are kept for the load (so they
-            are opened once), up to this many bytes in all; the rest are read again later.
+            are opened once), up to this many bytes in all when a load is planned whole
+            first (`WeightCache`, a `Shard`); the rest are read again later. A streamed
+            `load_weights`/`stream_weights` holds only its groups in flight, so there it
+            bounds each blob read whole instead (0: none; blobs stay open until loaded).
         reader_nice: groups are loaded in asyncweights' own threads at this nice value (MLX's
             threads they start inherit it); None keeps normal priority.
         priority: ``"responsive"`` (the default) keeps the event loop first in line: tensor

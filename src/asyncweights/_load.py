@@ -1,7 +1,13 @@
 """The async pipeline: `load_weights` and `stream_weights`.
 
-    plan (headers, names, groups) ─► workers: one thread call per group ─► bounded stream
-    (mx.load + dtype + one mx.eval)        of evaluated groups ─► Weights | async iterator
+    plan the next group (its headers,  ─► workers: one thread call per group ─► bounded stream
+    names, quantization; one at a time)   (fill + dtype + one mx.eval)    of evaluated groups
+                                                                          ─► Weights | iterator
+
+A plain load plans as it goes (`_read.StreamPlanner`): each worker plans the next group, then
+loads it while the other worker plans the one after, and the whole-model checks run before
+the stream ends. A load planned whole first (`make_plan`: `WeightCache`, a `Shard`, a budget)
+hands its groups to the same workers.
 
 A group is loaded and evaluated inside one worker-thread call: MLX streams are per thread
 since 0.31.2, so a lazy array made on one thread cannot be evaluated on another, and a
@@ -18,6 +24,7 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 
@@ -41,12 +48,14 @@ from ._header import BlobHeader
 from ._limits import Limits
 from ._manifest import Layer, Manifest
 from ._names import ModelName
-from ._plan import Hints, Plan, blob_paths, plan_gguf, plan_tensors, select_layers
+from ._plan import BlobPlan, Hints, Plan, blob_paths, plan_gguf, plan_tensors, select_layers
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
 from ._pull import PullSession, component_layers, load_units, open_session, run_pull
 from ._quant import model_hints
 from ._read import (
     Loaded,
+    StreamPlanner,
+    close_files,
     files_per_group,
     gguf_header,
     load_group,
@@ -117,6 +126,12 @@ async def load_weights(
 
     Returns:
         The tensors, with per-tensor facts in ``weights.info``.
+
+    Headers are checked group by group as the load goes (each blob's before any of its data
+    is read, through the descriptor the data is then read from), so a blob that breaks a
+    rule in a later group fails the load after earlier groups were read; a `shard` load, or
+    a ``limits.max_bytes`` the manifest's blob sizes do not prove met, checks every header
+    first (docs/format.md#header-validation).
 
     Raises:
         AsyncWeightsError: a subclass naming the model, tensor, digest and file at fault.
@@ -227,6 +242,12 @@ async def stream_weights(
     what was verified and the partial blob for a resume). Arguments are those of
     `load_weights`; with `pull` the first tensors arrive while the download goes on, in the
     order their blobs land.
+
+    The first tensors arrive as soon as their own blobs' headers pass; later headers are
+    checked as the stream goes. An error found later (a header that breaks a rule, a blob
+    missing, a name defined twice, quantization companions read differently across groups)
+    is raised from the iteration, after the tensors already yielded, as the same typed
+    `AsyncWeightsError` `load_weights` raises; the tensors yielded before stay valid.
     """
     async with _pipeline(
         model, component, store, dtype, verify, on_progress, limits, pull, registry, shard
@@ -376,6 +397,7 @@ async def _pipeline(
     reporter = ProgressReporter(on_progress, limits.progress_interval, label)
     send, receive = anyio.create_memory_object_stream[Loaded](limits.buffered_groups)
     consumer_error: Exception | None = None
+    streamed: tuple[StreamPlanner, tuple[int, int]] | None = None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(reporter.run)
@@ -387,7 +409,12 @@ async def _pipeline(
                     plan = await make_plan(model, component, replace(limits, prefetch_bytes=0))
                     await anyio.to_thread.run_sync(shard.apply, plan, limits)
                 elif session is None:
-                    plan = await make_plan(model, component, limits)
+                    streamed = await _streamed_planner(model, component or None, limits)
+                    if streamed is None:
+                        plan = await make_plan(model, component, limits)
+                    else:
+                        # Filled in group by group as headers are checked, whole at the end.
+                        plan = Plan(model.label, component or None, [], None, [])
                 else:
                     session.reporter = reporter
                     model = await tg.start(run_pull, session, component)
@@ -396,7 +423,11 @@ async def _pipeline(
             except BaseException:
                 reporter.close(None)
                 raise
-            if session is None:
+            if streamed is not None:
+                planner, estimate = streamed
+                groups = _Groups(plan, receive, reporter, started, estimate=estimate)
+                tg.start_soon(_produce_streamed, planner, plan, groups, dtype, verify, limits, send)
+            elif session is None:
                 groups = _Groups(plan, receive, reporter, started)
                 tg.start_soon(_produce, plan, dtype, verify, limits, send)
             else:
@@ -533,34 +564,113 @@ async def _produce(
 
     async def worker() -> None:
         for index in indices:  # shared: each worker takes the next group not yet taken
-            args = (plan.groups[index], dtype, verify, plan.model, limits, cancel)
-            # Results travel in a box we empty ourselves: a traceback or an idle thread
-            # that outlives a cancelled load must not pin a group's arrays.
-            box = [readers.submit(load_group, *args)]
-            # Worker threads wait on an event, never on the future: a thread abandoned by
-            # a cancel must not hold the group's result for a moment after the load ends.
-            done = threading.Event()
-            box[0].add_done_callback(_setter(done))
-            try:
-                try:
-                    await anyio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
-                except BaseException:
-                    # Cancelled: stop the reads, then wait for the group call to end (one
-                    # chunk at most) so that nothing outlives the load.
-                    cancel.set()
-                    if not box[0].cancel():  # already running
-                        with anyio.CancelScope(shield=True):
-                            await anyio.to_thread.run_sync(done.wait)
-                    raise
-                loaded = [box.pop().result()]
-                await send.send(loaded.pop())
-            finally:
-                box.clear()
-                loaded = []
+            group = plan.groups[index]
+            await _load_one(group, readers, cancel, dtype, verify, plan.model, limits, send)
 
     async with send, anyio.create_task_group() as tg:
         for _ in range(min(limits.workers, len(plan.groups))):
             tg.start_soon(worker)
+
+
+async def _load_one(
+    group: list[BlobPlan],
+    readers: ThreadPoolExecutor,
+    cancel: threading.Event,
+    dtype: mx.Dtype | None,
+    verify: bool,
+    model: str,
+    limits: Limits,
+    send: MemoryObjectSendStream[Loaded],
+) -> None:
+    """Load one group in a reader thread and send it on."""
+    args = (group, dtype, verify, model, limits, cancel)
+    # Results travel in a box we empty ourselves: a traceback or an idle thread that
+    # outlives a cancelled load must not pin a group's arrays.
+    box = [readers.submit(load_group, *args)]
+    # Worker threads wait on an event, never on the future: a thread abandoned by a cancel
+    # must not hold the group's result for a moment after the load ends.
+    done = threading.Event()
+    box[0].add_done_callback(_setter(done))
+    try:
+        try:
+            await anyio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
+        except BaseException:
+            # Cancelled: stop the reads, then wait for the group call to end (one chunk at
+            # most) so that nothing outlives the load.
+            cancel.set()
+            if not box[0].cancel():  # already running
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(done.wait)
+            raise
+        loaded = [box.pop().result()]
+        await send.send(loaded.pop())
+    finally:
+        box.clear()
+        loaded = []
+
+
+async def _streamed_planner(
+    model: Model, component: str | None, limits: Limits
+) -> tuple[StreamPlanner, tuple[int, int]] | None:
+    """A planner for a streamed load of `model`, with the progress totals the manifest gives
+    (blob bytes, layers), or None where the load must be planned whole first: a GGUF model,
+    or a budget (`Limits.max_bytes`) the manifest's blob sizes do not prove is met, which
+    must refuse the load before any tensor is read.
+
+    Raises:
+        ComponentNotFoundError, UnsupportedModelError, and the errors of reading the config.
+    """
+    if model.kind == "gguf":
+        return None
+    model.check_loadable()
+    layers = select_layers(model.label, model.tensor_layers, model.components, component)
+    blob_bytes = sum({layer.digest: layer.size for layer in layers}.values())
+    if limits.max_bytes is not None and blob_bytes > limits.max_bytes:
+        return None
+    hints = await _model_hints(model)
+    paths = blob_paths(os.fspath(model.store.blobs_dir), model.label, layers)
+    files = await anyio.to_thread.run_sync(files_per_group, limits)
+    planner = StreamPlanner(model.label, component, layers, paths, hints, limits, files)
+    return planner, (blob_bytes, len(layers))
+
+
+async def _produce_streamed(
+    planner: StreamPlanner,
+    plan: Plan,
+    groups: _Groups,
+    dtype: mx.Dtype | None,
+    verify: bool,
+    limits: Limits,
+    send: MemoryObjectSendStream[Loaded],
+) -> None:
+    """Plan and load at once: each worker plans the next group (one planning call at a
+    time, in a worker thread), then loads it while the other plans the one after. A
+    group's blob files are opened by its planning and closed by its load, so at most
+    `Limits.workers` groups hold files. The stream ends after the planner's whole-model
+    checks, with the plan filled in and the progress totals settled."""
+    readers = reader_threads(limits.reader_nice)
+    cancel = threading.Event()
+    planning = anyio.Lock()
+
+    async def worker() -> None:
+        while True:
+            async with planning:
+                group = await anyio.to_thread.run_sync(planner.next_group)
+            if group is None:
+                return
+            await _load_one(group, readers, cancel, dtype, verify, plan.model, limits, send)
+
+    async with send:
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(limits.workers):
+                    tg.start_soon(worker)
+        finally:
+            for group in planner.groups:  # groups planned but never loaded (error, cancel)
+                close_files(group)
+        plan.blobs, plan.groups = planner.blobs, planner.groups
+        plan.quantization = planner.quantization
+        groups.settle(plan)
 
 
 async def _produce_pulled(

@@ -21,6 +21,7 @@ from ._errors import (
     QuantizationError,
     UnsupportedDTypeError,
 )
+from ._files import StoreFile
 from ._ggml import DTYPE_BYTES, TARGETS, UNSUPPORTED, outputs
 from ._gguf import GGUFFile, GGUFTensorInfo
 from ._header import BlobHeader, TensorEntry
@@ -35,13 +36,18 @@ if TYPE_CHECKING:
 __all__ = [
     "BlobPlan",
     "Hints",
+    "Namer",
     "Plan",
     "PlannedTensor",
     "blob_paths",
     "group_blobs",
+    "load_units",
+    "model_quantization",
     "plan_gguf",
     "plan_tensors",
+    "resolve_tensors",
     "select_layers",
+    "set_nbytes",
 ]
 
 #: The model-level quantization label and explicit group size (`_quant.model_hints`).
@@ -87,6 +93,9 @@ class BlobPlan:
     hash_whole: bool = True
     #: read by byte ranges for a `Shard` (each tensor whole or its `PlannedTensor.slice`)
     sharded: bool = False
+    #: the descriptor planning validated the header through (a streamed load): the load
+    #: reads the data through it and closes it, never opening the path again
+    file: StoreFile | None = None
 
 
 @dataclass(slots=True)
@@ -126,6 +135,27 @@ def select_layers(
     elif not layers:
         raise ComponentNotFoundError("", [], model=label)
     return layers
+
+
+def load_units(layers: list[Layer]) -> list[list[Layer]]:
+    """The layers a load must plan together, in manifest order of their first layer.
+
+    A packed weight and its scales and biases are planned together (the quantization of
+    ``X`` is read from ``X.scale``'s shape): layers whose names share a base (the name without
+    Ollama's companion suffixes ``.scale``/``.bias``/``_scale``/``_qbias``) form one unit.
+    Companions inside one blob travel with it anyway.
+    """
+    units: dict[str, list[Layer]] = {}
+    for layer in layers:
+        units.setdefault(_base(layer.name or layer.digest), []).append(layer)
+    return list(units.values())
+
+
+def _base(name: str) -> str:
+    for suffix in (".scale", ".bias", "_scale", "_qbias", ".global_scale", "_scale_2"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def blob_paths(blobs_dir: str, label: str, layers: list[Layer]) -> dict[str, str]:
@@ -187,12 +217,48 @@ def _name_tensors(
     headers: dict[str, BlobHeader],
     paths: dict[str, str],
 ) -> list[BlobPlan]:
-    blobs: dict[str, BlobPlan] = {}
-    owner: dict[str, tuple[str, str]] = {}  # logical name -> (digest, key)
-    seen: set[tuple[str, str | None]] = set()
+    namer = Namer(label, component)
     for layer in layers:
+        namer.add(layer, headers[layer.digest], paths[layer.digest])
+    blobs = list(namer.blobs.values())
+    for blob in blobs:
+        set_nbytes(blob)
+    return blobs
+
+
+def set_nbytes(blob: BlobPlan) -> None:
+    """Set `BlobPlan.nbytes` once its tensors are all named."""
+    if len(blob.header.entries) == 1:
+        blob.nbytes = blob.tensors[0].entry.nbytes if blob.tensors else 0
+    else:
+        blob.nbytes = sum({t.key: t.entry.nbytes for t in blob.tensors}.values())
+
+
+class Namer:
+    """Names the tensors of layers added one at a time, as Ollama's loaders do.
+
+    Duplicates are checked across every layer added, whatever blob they came from.
+    `blobs` holds the plan of each blob by digest; a streamed load takes blobs out once
+    their group is loaded, and a later layer of the same digest then gets a plan of its own.
+    """
+
+    def __init__(self, label: str, component: str | None) -> None:
+        self.label = label
+        self.component = component
+        self.blobs: dict[str, BlobPlan] = {}
+        self._owner: dict[str, tuple[str, str]] = {}  # logical name -> (digest, key)
+        self._seen: set[tuple[str, str | None]] = set()
+
+    def add(self, layer: Layer, header: BlobHeader, path: str) -> BlobPlan | None:
+        """Name `layer`'s tensors into its blob's plan (made if new); returns that plan, or
+        None when the layer adds nothing (its blob already named for its component).
+
+        Raises:
+            HeaderError: a ``data`` blob with no layer name.
+            DuplicateTensorError: a name already taken by another blob or key.
+        """
+        label, component = self.label, self.component
         layer_comp = layer.name.split("/", 1)[0] if layer.name and "/" in layer.name else None
-        header = headers[layer.digest]
         entries = header.entries
         if len(entries) == 1 and "data" in entries:
             if not layer.name:
@@ -201,20 +267,21 @@ def _name_tensors(
                 )
             names = [(layer.name, "data")]
         else:
-            if (layer.digest, layer_comp) in seen:
-                continue
+            if (layer.digest, layer_comp) in self._seen:
+                return None
             try:
                 remapped = _remap(entries)
             except _Collision as exc:
                 raise DuplicateTensorError(
                     exc.reason, model=label, tensor=exc.name, digest=layer.digest,
-                    path=paths[layer.digest],
+                    path=path,
                 ) from None  # fmt: skip
             names = [(_namespaced(n, layer_comp), key) for n, key in remapped.items()]
-        seen.add((layer.digest, layer_comp))
-        blob = blobs.get(layer.digest)
+        self._seen.add((layer.digest, layer_comp))
+        blob = self.blobs.get(layer.digest)
         if blob is None:
-            blob = blobs[layer.digest] = BlobPlan(layer.digest, paths[layer.digest], header)
+            blob = self.blobs[layer.digest] = BlobPlan(layer.digest, path, header)
+        owner = self._owner
         for logical, key in names:
             previous = owner.get(logical)
             if previous is not None:
@@ -230,12 +297,7 @@ def _name_tensors(
             owner[logical] = (layer.digest, key)
             name = logical[len(component) + 1 :] if component else logical
             blob.tensors.append(PlannedTensor(name, key, entries[key], layer.digest))
-    for blob in blobs.values():
-        if len(blob.header.entries) == 1:
-            blob.nbytes = blob.tensors[0].entry.nbytes
-        else:
-            blob.nbytes = sum({t.key: t.entry.nbytes for t in blob.tensors}.values())
-    return list(blobs.values())
+        return blob
 
 
 class _Collision(Exception):
@@ -283,6 +345,23 @@ def _namespaced(name: str, comp: str | None) -> str:
 def _resolve_quantization(
     label: str, blobs: list[BlobPlan], hint_label: str | None, hint_group: int | None
 ) -> Quantization | None:
+    return model_quantization(
+        hint_label, hint_group, resolve_tensors(label, blobs, hint_label, hint_group)
+    )
+
+
+def resolve_tensors(
+    label: str, blobs: list[BlobPlan], hint_label: str | None, hint_group: int | None
+) -> list[Quantization]:
+    """Mark companions and set each packed weight's quantization, among `blobs` only.
+
+    Returns:
+        The quantization of each packed weight found (`model_quantization` picks the
+        model's from them).
+
+    Raises:
+        QuantizationError: a packed weight without its scales, or scales that fit no type.
+    """
     by_name = {t.name: (t, blob) for blob in blobs for t in blob.tensors}
     hint_bits = label_bits(hint_label)
     found: list[Quantization] = []
@@ -339,16 +418,17 @@ def _resolve_quantization(
                 tensor.companions["global_scale"] = global_name
                 break
         found.append(q)
-    return _model_level(hint_label, hint_group, found)
+    return found
 
 
 def _main(blob: BlobPlan) -> int:
     return sum(1 for t in blob.tensors if not t.name.endswith(_COMPANIONS))
 
 
-def _model_level(
+def model_quantization(
     hint_label: str | None, hint_group: int | None, found: list[Quantization]
 ) -> Quantization | None:
+    """The model-level quantization: the hint's type, else the lowest-bit type found."""
     qtype = canonical_type(hint_label)
     if qtype is None and found:
         qtype = min(found, key=lambda q: (q.bits, q.type)).type  # what `ollama show` reports

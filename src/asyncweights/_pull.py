@@ -46,6 +46,7 @@ from ._errors import (
 from ._limits import Limits
 from ._manifest import MANIFEST_MEDIA_TYPES, Layer, Manifest, decode_manifest
 from ._names import ModelName, blob_file_name
+from ._plan import load_units
 from ._progress import Phase, Progress, ProgressCallback, ProgressReporter
 from ._registry import LIST_MEDIA_TYPES, RegistryClient, RemoteManifest, backoff, registry_url
 from ._store import Model, ModelStore
@@ -603,27 +604,6 @@ def component_layers(manifest: Manifest, component: str | None) -> list[Layer]:
     if component:
         layers = [layer for layer in layers if (layer.name or "").startswith(component + "/")]
     return layers
-
-
-def load_units(layers: list[Layer]) -> list[list[Layer]]:
-    """The layers a load must plan together, in manifest order of their first layer.
-
-    A packed weight and its scales and biases are planned together (the quantization of
-    ``X`` is read from ``X.scale``'s shape): layers whose names share a base (the name without
-    Ollama's companion suffixes ``.scale``/``.bias``/``_scale``/``_qbias``) form one unit.
-    Companions inside one blob travel with it anyway.
-    """
-    units: dict[str, list[Layer]] = {}
-    for layer in layers:
-        units.setdefault(_base(layer.name or layer.digest), []).append(layer)
-    return list(units.values())
-
-
-def _base(name: str) -> str:
-    for suffix in (".scale", ".bias", "_scale", "_qbias", ".global_scale", "_scale_2"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 async def pull(

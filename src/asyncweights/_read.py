@@ -42,14 +42,25 @@ from ._errors import (
     BudgetError,
     DigestMismatchError,
     LoadError,
+    QuantizationError,
 )
 from ._files import StoreFile, _read_error, open_file
 from ._ggml import TARGETS, convert_blocks, read_raw
 from ._gguf import GGUFFile, read_gguf_header
-from ._header import DTYPES, BlobHeader, read_blob_head
+from ._header import DTYPES, BlobHeader, head_of
 from ._limits import Limits
 from ._manifest import Layer
-from ._plan import BlobPlan, PlannedTensor
+from ._plan import (
+    BlobPlan,
+    Hints,
+    Namer,
+    PlannedTensor,
+    load_units,
+    model_quantization,
+    resolve_tensors,
+    set_nbytes,
+)
+from ._quant import Quantization
 from ._vfile import (
     ArrayRequest,
     Digest,
@@ -63,6 +74,8 @@ from ._vfile import (
 from ._weights import Tensor, TensorInfo
 
 __all__ = [
+    "StreamPlanner",
+    "close_files",
     "fill_group",
     "mlx_error",
     "open_blob",
@@ -129,7 +142,7 @@ def fill_group(
         BlobError (changed or shrunk under the load), DigestMismatchError, BlobMissingError,
         LoadError (I/O, with errno), BudgetError (MLX could not allocate).
     """
-    files: list[StoreFile] = []
+    files: list[StoreFile] = [blob.file for blob in group if blob.file is not None]
     requests: list[ArrayRequest] = []
     digests: list[Digest] = []
     keys: list[tuple[PlannedTensor, str]] = []
@@ -138,7 +151,10 @@ def fill_group(
             data, blob.data = blob.data, None  # loaded once; the arrays own copies
             fd = -1
             if data is None:
-                f = open_blob(blob, model)
+                # The descriptor planning validated the header through, else a fresh open
+                # proved to be the same file.
+                held, blob.file = blob.file, None
+                f = held if held is not None else open_blob(blob, model)
                 files.append(f)
                 fd = f.fd
                 if _WILLNEED is not None:
@@ -512,37 +528,238 @@ def read_heads(
     `budget` (shared by the batches of one plan; a rough bound is enough) allows.
     """
     for digest in batch:
-        path = paths[digest]
+        whole = limits.direct_read_bytes if budget[0] >= sizes[digest] else 0
+        headers[digest], data, _ = read_head(
+            label, digest, paths, sizes[digest], names[digest], whole, limits, keep_open=False
+        )
+        if data is not None:
+            contents[digest] = data
+            budget[0] -= len(data)
+
+
+def read_head(
+    label: str,
+    digest: str,
+    paths: dict[str, str],
+    size: int,
+    name: str | None,
+    whole_upto: int,
+    limits: Limits,
+    *,
+    keep_open: bool,
+) -> tuple[BlobHeader, bytes | bytearray | None, StoreFile | None]:
+    """One blob's validated header (blocking), and its bytes when read whole.
+
+    With `keep_open`, a blob not read whole stays open and is returned: its header was
+    proved through that descriptor, and the load reads the data through it. ``paths`` is
+    updated where a blob is found under Ollama's old name.
+
+    Raises:
+        BlobMissingError, BlobError, SizeMismatchError, HeaderError, LoadError (errno).
+    """
+    path = paths[digest]
+    try:
         try:
-            whole = limits.direct_read_bytes if budget[0] >= sizes[digest] else 0
-            try:
-                headers[digest], data = read_blob_head(
-                    path, expected_size=sizes[digest], whole_upto=whole, limits=limits
-                )
-            except BlobMissingError:
-                # Ollama before 0.1.30 named blobs sha256:<hex>; read them where they are.
-                old = path[: -len(digest)] + "sha256:" + digest[7:]
-                if not os.path.exists(old):
-                    raise
-                path = paths[digest] = old
-                headers[digest], data = read_blob_head(
-                    path, expected_size=sizes[digest], whole_upto=whole, limits=limits
-                )
-            if data is not None:
-                contents[digest] = data
-                budget[0] -= len(data)
-        except AsyncWeightsError as exc:
-            exc.add_context(model=label, digest=digest, path=path, tensor=names[digest])
+            f = open_file(path, "blob", expected_size=size)
+        except BlobMissingError:
+            # Ollama before 0.1.30 named blobs sha256:<hex>; read them where they are.
+            old = path[: -len(digest)] + "sha256:" + digest[7:]
+            if not os.path.exists(old):
+                raise
+            path = paths[digest] = old
+            f = open_file(path, "blob", expected_size=size)
+        try:
+            header, data = head_of(f, whole_upto=whole_upto, limits=limits, fresh=keep_open)
+        except BaseException:
+            f.close()
             raise
-        except OSError as exc:
-            raise LoadError(
-                f"cannot read blob header: {exc.strerror}",
-                model=label,
-                tensor=names[digest],
-                digest=digest,
-                path=path,
-                errno=exc.errno,
-            ) from exc
+        if data is not None or not keep_open:
+            f.close()
+            return header, data, None
+        return header, None, f
+    except AsyncWeightsError as exc:
+        exc.add_context(model=label, digest=digest, path=path, tensor=name)
+        raise
+    except OSError as exc:
+        raise LoadError(
+            f"cannot read blob header: {exc.strerror}",
+            model=label,
+            tensor=name,
+            digest=digest,
+            path=path,
+            errno=exc.errno,
+        ) from exc
+
+
+class StreamPlanner:
+    """Plans a safetensors load group by group, in load order, for a streamed load.
+
+    Each `next_group` call (blocking; one at a time, in a worker thread) reads and checks
+    the headers of the next group's blobs only, names their tensors and resolves their
+    quantization, so the first group is loaded while later headers are still unread.
+    Layers are taken in `load_units` (a packed weight with its scales and biases), and a
+    group is cut only between units, bounded as `group_blobs` bounds them (bytes from the
+    manifest's sizes, open files). Small blobs are read whole (up to
+    ``min(direct_read_bytes, prefetch_bytes)``); every other blob stays open
+    on the descriptor its header was proved through (`BlobPlan.file`), which the load reads
+    from and closes: each blob is opened once.
+
+    What needs every header is checked when the last group has been handed out, before
+    `next_group` returns None: duplicate names are checked as each layer is named, and
+    quantization read across groups must agree with the per-group reading.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        component: str | None,
+        layers: list[Layer],
+        paths: dict[str, str],
+        hints: Hints,
+        limits: Limits,
+        files: int,
+    ) -> None:
+        self._label = label
+        self._paths = paths
+        self._hints = hints
+        self._limits = limits
+        self._files = files
+        self._namer = Namer(label, component)
+        self._sizes = {layer.digest: layer.size for layer in layers}
+        self._names = {layer.digest: layer.name for layer in reversed(layers)}
+        self._first = {layer.digest: i for i, layer in reversed(list(enumerate(layers)))}
+        self._units = iter(load_units(layers))
+        self._next: list[Layer] | None = None
+        self._cap = max(1, limits.group_bytes // 32)
+        # Small blobs are read whole (and closed) while planning. Only the groups in flight
+        # hold such bytes, so `prefetch_bytes` bounds each blob rather than the model.
+        self._whole = min(limits.direct_read_bytes, limits.prefetch_bytes)
+        self._found: list[Quantization] = []
+        self._group_of: dict[str, int] = {}  # tensor name -> group index
+        #: every blob handed out, in load order, and the groups
+        self.blobs: list[BlobPlan] = []
+        self.groups: list[list[BlobPlan]] = []
+        self.quantization: Quantization | None = None
+        self._finished = False
+
+    def next_group(self) -> list[BlobPlan] | None:
+        """The next group, planned and with its headers checked; None once every group was
+        handed out and the whole-model checks passed.
+
+        Raises:
+            The errors of `read_head`, `Namer.add` and `resolve_tensors`.
+        """
+        if self._finished:
+            return None
+        group: list[BlobPlan] = []
+        size = held = 0
+        try:
+            while True:
+                unit = self._next if self._next is not None else next(self._units, None)
+                self._next = None
+                if unit is None:
+                    break
+                fresh = {x.digest for x in unit if x.digest not in self._namer.blobs}
+                unit_bytes = sum(self._sizes[d] for d in fresh)
+                unit_held = sum(self._sizes[d] > self._whole for d in fresh)
+                if group and (
+                    size + unit_bytes > self._cap or (unit_held and held + unit_held > self._files)
+                ):
+                    self._next = unit  # the next group's first unit
+                    break
+                for layer in unit:
+                    self._add(layer, group)
+                size += unit_bytes
+                held += unit_held
+        except BaseException:
+            close_files(group)
+            raise
+        if not group:
+            self._finish()
+            return None
+        return self._hand_out(group)
+
+    def _add(self, layer: Layer, group: list[BlobPlan]) -> None:
+        namer = self._namer
+        digest = layer.digest
+        known = namer.blobs.get(digest)
+        if known is not None:  # read for this group already
+            namer.add(layer, known.header, known.path)
+            return
+        header, data, f = read_head(
+            self._label, digest, self._paths, self._sizes[digest], self._names[digest],
+            self._whole, self._limits, keep_open=True,
+        )  # fmt: skip
+        try:
+            blob = namer.add(layer, header, self._paths[digest])
+        except BaseException:
+            if f is not None:
+                f.close()
+            raise
+        if blob is None:  # named for this component by an earlier group already
+            if f is not None:
+                f.close()
+            return
+        blob.data, blob.file = data, f
+        group.append(blob)
+
+    def _hand_out(self, group: list[BlobPlan]) -> list[BlobPlan]:
+        namer = self._namer
+        out: list[BlobPlan] = []
+        for blob in group:
+            del namer.blobs[blob.digest]  # a later layer of this digest gets its own plan
+            set_nbytes(blob)
+            if blob.tensors:
+                out.append(blob)
+            elif blob.file is not None:
+                blob.file.close()
+                blob.file = None
+        index = len(self.groups)
+        try:
+            self._found += resolve_tensors(self._label, out, *self._hints)
+        except BaseException:
+            close_files(out)
+            raise
+        for blob in out:
+            for tensor in blob.tensors:
+                self._group_of[tensor.name] = index
+        self.groups.append(out)
+        self.blobs += out
+        self._cap = min(self._limits.group_bytes, self._cap * 2)
+        return out
+
+    def _finish(self) -> None:
+        """The checks that need every header, once every group was handed out."""
+        self._finished = True
+        group_of = self._group_of
+        split = False
+        for name, index in group_of.items():
+            for suffix in _QUANT_SUFFIXES:
+                if name.endswith(suffix):
+                    base = group_of.get(name[: -len(suffix)])
+                    split = split or (base is not None and base != index)
+        if split:
+            # A weight and a companion were planned in different groups: read the model
+            # whole and make sure each group was read the same way.
+            tensors = [t for blob in self.blobs for t in blob.tensors]
+            before = [(t.companion, t.quantization, t.companions) for t in tensors]
+            for tensor in tensors:
+                tensor.companion, tensor.quantization, tensor.companions = False, None, None
+            self._found = resolve_tensors(self._label, self.blobs, *self._hints)
+            for tensor, was in zip(tensors, before, strict=True):
+                if (tensor.companion, tensor.quantization, tensor.companions) != was:
+                    raise QuantizationError(
+                        "a quantized weight and its companions were loaded in different "
+                        "groups and read differently; load with Limits(group_bytes=...) "
+                        "large enough to hold them, or through make_plan",
+                        model=self._label, tensor=tensor.name, digest=tensor.digest,
+                    )  # fmt: skip
+        self.quantization = model_quantization(*self._hints, self._found)
+        self.blobs.sort(key=lambda blob: self._first[blob.digest])
+
+
+#: the suffixes `resolve_tensors` looks a weight's companions up by
+_QUANT_SUFFIXES = ("_scale", "_qbias", ".global_scale", "_scale_2")
 
 
 def gguf_header(label: str, component: str, layer: Layer, path: Path) -> GGUFFile:
@@ -700,6 +917,7 @@ def load_group(
         ):
             loaded = fill_group(group, model, verify=verify, limits=limits, cancel=cancel)
             return _finish_group(loaded, group, dtype, model)
+        close_files(group)  # the older paths open by path (and prove the header again)
         return _load_group_into(loaded, lazy, group, dtype, verify, model, limits)
     except BaseException as exc:
         # The traceback keeps the frames below alive, and with them lazy arrays that hold
@@ -707,6 +925,14 @@ def load_group(
         loaded.clear()
         clear_chain_frames(exc)
         raise
+
+
+def close_files(group: list[BlobPlan]) -> None:
+    """Close the descriptors planning left open in a group's blobs (idempotent)."""
+    for blob in group:
+        held, blob.file = blob.file, None
+        if held is not None:
+            held.close()
 
 
 def clear_chain_frames(exc: BaseException) -> None:
