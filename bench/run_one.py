@@ -17,6 +17,10 @@ import os
 import sys
 from pathlib import Path
 
+# Before anything imports asyncweights (generate does): the @base tree must be the one found.
+if len(sys.argv) > 1 and sys.argv[1].endswith("@base"):
+    sys.path.insert(0, os.environ["AW_BASE_SRC"])
+
 from generate import ModelPaths
 from strategies import STRATEGIES
 
@@ -33,7 +37,11 @@ def main() -> None:
     if name not in STRATEGIES or variant not in ("", "base"):
         parser.error(f"unknown strategy {args.strategy!r}")
     if variant:
-        sys.path.insert(0, os.environ["AW_BASE_SRC"])
+        import asyncweights
+
+        base = os.path.realpath(os.environ["AW_BASE_SRC"])
+        if not os.path.realpath(asyncweights.__file__).startswith(base + os.sep):
+            parser.error(f"@base imported asyncweights from {asyncweights.__file__}")
     info = json.loads(args.model_info.read_text())
     paths = ModelPaths(**info["paths"])
     try:
