@@ -191,8 +191,9 @@ async def _weights(pipeline: AbstractAsyncContextManager[tuple[Plan, _Groups]]) 
         # Freeing what was loaded costs the kernel ~70 ms a GiB here (every page unmapped):
         # done in a worker thread, so a cancelled load does not stall the event loop for it
         # (measured: 41-115 ms of loop lag at a cancel 30% into the big bench model).
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_free, arrays)
+        if arrays:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_free, arrays)
         raise
     order = [t.name for blob in plan.blobs for t in blob.tensors]
     return Weights(
