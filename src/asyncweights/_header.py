@@ -16,7 +16,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from math import prod
+from typing import Annotated, Any, Literal
 
 import mlx.core as mx
 import msgspec
@@ -260,10 +261,15 @@ def _parse(raw: bytes | bytearray, file_size: int, limits: Limits) -> BlobHeader
 # wording. The fast path only ever accepts, never rejects.
 
 
+# The range rules msgspec checks while decoding (a value out of range fails the fast path).
+_Dim = Annotated[int, msgspec.Meta(ge=0, le=_MAX_DIM)]
+_Begin = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class _Fields(msgspec.Struct, forbid_unknown_fields=True):
     dtype: str
-    shape: list[int]
-    data_offsets: tuple[int, int]
+    shape: tuple[_Dim, ...]
+    data_offsets: tuple[_Begin, int]
 
 
 _COMMON = msgspec.json.Decoder(dict[str, _Fields])
@@ -322,16 +328,10 @@ def _parse_common(
         dtype = fields.dtype
         size = sizes.get(dtype)
         begin, end = fields.data_offsets
-        if size is None or begin < 0:
-            return None
-        count = size
-        for d in fields.shape:
-            if d < 0 or d > _MAX_DIM:
-                return None
-            count *= d
-        if end - begin != count:
-            return None  # reversed, or not the shape's size
-        entries[key] = TensorEntry(key, dtype, tuple(fields.shape), begin, end)
+        shape = fields.shape
+        if size is None or end - begin != prod(shape, start=size):
+            return None  # an unknown dtype; offsets reversed, or not the shape's size
+        entries[key] = TensorEntry(key, dtype, shape, begin, end)
     if len(entries) == 1:
         (only,) = entries.values()
         if only.begin != 0 or only.end != data_len:

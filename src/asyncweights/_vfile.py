@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -157,13 +157,15 @@ class ArrayRequest:
     dtype: mx.Dtype
     shape: tuple[int, ...]
     spans: Sequence[Span]
+    #: the array's size in bytes (``dtype.size`` times the shape's product), computed once:
+    #: a group's layout, fill and digests each ask for it, per array
+    nbytes: int = field(init=False)
 
-    @property
-    def nbytes(self) -> int:
+    def __post_init__(self) -> None:
         n = self.dtype.size
         for d in self.shape:
             n *= d
-        return n
+        object.__setattr__(self, "nbytes", n)
 
 
 @dataclass(slots=True)
@@ -198,13 +200,14 @@ def _layout(requests: Sequence[ArrayRequest], pack_upto: int) -> _Layout:
         index = len(buffers)
         start = pos
         offset = 0
+        add = parts.append
         for request in members:
             if aligned:
                 offset = -(-offset // ALIGN) * ALIGN
             places[request.key] = (index, offset)
             at = start + offset
             for span in request.spans:
-                parts.append(_Part(at, span))
+                add(_Part(at, span))
                 at += span.length
             offset += request.nbytes
         buffers.append((start, offset))
@@ -212,14 +215,13 @@ def _layout(requests: Sequence[ArrayRequest], pack_upto: int) -> _Layout:
 
     packed: list[ArrayRequest] = []
     for request in requests:
-        total = sum(s.length for s in request.spans)
-        if total != request.nbytes:
-            raise ValueError(
-                f"array {request.key!r} needs {request.nbytes} bytes, its spans hold {total}"
-            )
-        if request.nbytes == 0:
+        spans, nbytes = request.spans, request.nbytes
+        total = spans[0].length if len(spans) == 1 else sum(s.length for s in spans)
+        if total != nbytes:
+            raise ValueError(f"array {request.key!r} needs {nbytes} bytes, its spans hold {total}")
+        if nbytes == 0:
             continue
-        if request.nbytes <= pack_upto:
+        if nbytes <= pack_upto:
             packed.append(request)
         else:
             place([request], aligned=False)
