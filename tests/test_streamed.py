@@ -184,3 +184,21 @@ def test_the_header_cache_is_proved_on_the_descriptor(tmp_path: Path) -> None:
     assert list(first.entries) == ["a"]
     assert list(again.entries) == ["b"]
     assert stale is again  # the cache now holds the header proved on this file
+
+
+async def test_a_small_blob_goes_first_when_the_model_starts_with_a_large_one(
+    builder: StoreBuilder, store_root: Path
+) -> None:
+    """The first tensor of a stream waits for the first group: a small unit is moved before
+    a large first blob. `load_weights` still returns the manifest's order."""
+    shapes = {"a.embed": (256, 256), "b.norm": (4,), "c.weight": (256, 256)}
+    model = builder.add_model(MODEL, random_weights(shapes, seed=7))
+    limits = aw.Limits(workers=1, group_bytes=32 * 64 * 1024)  # first group: 64 KiB
+    order: list[str] = []
+    async with aw.stream_weights(MODEL, store=store_root, limits=limits) as tensors:
+        async for tensor in tensors:
+            order.append(tensor.name)
+    assert order == ["b.norm", "a.embed", "c.weight"]
+    weights = await aw.load_weights(MODEL, store=store_root, limits=limits)
+    assert list(weights) == list(shapes)
+    assert all(_same(weights[k], v) for k, v in model.expected.items())

@@ -628,9 +628,9 @@ class StreamPlanner:
         self._sizes = {layer.digest: layer.size for layer in layers}
         self._names = {layer.digest: layer.name for layer in reversed(layers)}
         self._first = {layer.digest: i for i, layer in reversed(list(enumerate(layers)))}
-        self._units = iter(load_units(layers))
         self._next: list[Layer] | None = None
         self._cap = max(1, limits.group_bytes // 32)
+        self._units = iter(_small_first(load_units(layers), self._sizes, self._cap))
         # Small blobs are read whole (and closed) while planning. Only the groups in flight
         # hold such bytes, so `prefetch_bytes` bounds each blob rather than the model.
         self._whole = min(limits.direct_read_bytes, limits.prefetch_bytes)
@@ -757,6 +757,23 @@ class StreamPlanner:
         self.quantization = model_quantization(*self._hints, self._found)
         self.blobs.sort(key=lambda blob: self._first[blob.digest])
 
+
+def _small_first(units: list[list[Layer]], sizes: dict[str, int], cap: int) -> list[list[Layer]]:
+    """`units` with the first one that fits the first group moved to the front.
+
+    The first tensor of a stream waits for the first group: when the model starts with a
+    large blob (an embedding table), a small unit among the next few goes first, and the
+    large one is read beside it by the other worker. Only the stream's order changes:
+    `load_weights` returns tensors in manifest order either way.
+    """
+    for i, unit in enumerate(units[:_LOOKAHEAD]):
+        if sum({layer.digest: sizes[layer.digest] for layer in unit}.values()) <= cap:
+            return [unit, *units[:i], *units[i + 1 :]] if i else units
+    return units
+
+
+#: units looked at for a small first one
+_LOOKAHEAD = 64
 
 #: the suffixes `resolve_tensors` looks a weight's companions up by
 _QUANT_SUFFIXES = ("_scale", "_qbias", ".global_scale", "_scale_2")
