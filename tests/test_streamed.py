@@ -202,3 +202,28 @@ async def test_a_small_blob_goes_first_when_the_model_starts_with_a_large_one(
     weights = await aw.load_weights(MODEL, store=store_root, limits=limits)
     assert list(weights) == list(shapes)
     assert all(_same(weights[k], v) for k, v in model.expected.items())
+
+
+async def test_companions_split_across_groups_are_checked_before_the_end(
+    builder: StoreBuilder, store_root: Path
+) -> None:
+    """A packed weight in one blob, its scales and biases in another whose layer name does
+    not share its base: planned whole (or in one group) they are one int4 weight; loaded in
+    separate groups, each group was read without the other, and the whole-model check at the
+    end refuses the load instead of returning tensors read the wrong way."""
+    weight = RawTensor("w", "U32", (64, 8), bytes(64 * 8 * 4))
+    scales = RawTensor("w.scale", "BF16", (64, 1), bytes(128))
+    biases = RawTensor("w.bias", "BF16", (64, 1), bytes(128))
+    first = builder.add_blob("x", [weight])
+    second = builder.add_blob("y", [scales, biases])
+    builder.write_manifest(MODEL, [first, second], config=builder.add_config(file_type="int4"))
+    int4 = aw.Quantization("int4", "affine", 4, 64)
+    together = await aw.load_weights(MODEL, store=store_root)  # one group
+    assert together.info["w"].quantization == together.quantization == int4
+    assert together.info["w"].companions == {"scales": "w_scale", "biases": "w_qbias"}
+    with pytest.raises(aw.QuantizationError) as info:
+        await aw.load_weights(MODEL, store=store_root, limits=STEPWISE)
+    message = str(info.value)
+    assert "a quantized weight and its companions were loaded in different groups" in message
+    assert "tensor 'w'" in message
+    assert first.digest in message

@@ -750,8 +750,8 @@ class StreamPlanner:
                 if (tensor.companion, tensor.quantization, tensor.companions) != was:
                     raise QuantizationError(
                         "a quantized weight and its companions were loaded in different "
-                        "groups and read differently; load with Limits(group_bytes=...) "
-                        "large enough to hold them, or through make_plan",
+                        "groups and read differently; load with a Limits.group_bytes that "
+                        "holds them, or through WeightCache, which plans the model whole",
                         model=self._label, tensor=tensor.name, digest=tensor.digest,
                     )  # fmt: skip
         self.quantization = model_quantization(*self._hints, self._found)
