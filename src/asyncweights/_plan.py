@@ -366,11 +366,14 @@ def resolve_tensors(
     hint_bits = label_bits(hint_label)
     found: list[Quantization] = []
     for name, (tensor, blob) in by_name.items():
-        for suffix in _COMPANIONS:
-            if name.endswith(suffix) and name[: -len(suffix)] in by_name:
-                tensor.companion = True
+        if name.endswith(_COMPANIONS):  # one call for the common case: no suffix
+            for suffix in _COMPANIONS:
+                if name.endswith(suffix) and name[: -len(suffix)] in by_name:
+                    tensor.companion = True
         scale = by_name.get(name + "_scale")
         bias = by_name.get(name + "_qbias")
+        if scale is None and bias is None and tensor.entry.dtype != "U32":
+            continue  # the common case: a plain tensor, no metadata looked up
         meta = blob.header.metadata
         tagged = meta.get(tensor.key + ".quant_type") or meta.get("quant_type")
         if scale is None:

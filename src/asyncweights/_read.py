@@ -734,6 +734,8 @@ class StreamPlanner:
         group_of = self._group_of
         split = False
         for name, index in group_of.items():
+            if not name.endswith(_QUANT_SUFFIXES):  # one call for the common case
+                continue
             for suffix in _QUANT_SUFFIXES:
                 if name.endswith(suffix):
                     base = group_of.get(name[: -len(suffix)])
