@@ -89,7 +89,7 @@ def build(scratch: Path) -> dict[str, Any]:
     from asyncweights._writer import write_manifest
 
     base = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-            "config": config.to_dict()}  # fmt: skip
+            "config": msgspec.to_builtins(config)}  # fmt: skip
     layers = [_layer(i) for i in range(LIMITS.max_layers - 1)]
     write_manifest(root, "many-layers", json.dumps({**base, "layers": layers}).encode())
     strings = ["x" * (MAX_TOKEN - 16)] * (LIMITS.max_manifest_bytes // MAX_TOKEN - 4)
