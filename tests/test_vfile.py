@@ -236,3 +236,18 @@ def test_exit_waits_until_mlx_threads_let_go_of_the_file_objects(
     held = _wait_for_mlx_threads()
     assert held == 0  # what the exit handler runs
     assert _MLX_HELD == []
+
+
+def test_array_request_size_is_computed_once_from_dtype_and_shape() -> None:
+    spans = [Span(-1, 0, 6), Span(-1, 6, 24)]
+    request = ArrayRequest("w", mx.float16, (3, 5), spans)
+    assert request.nbytes == 30
+    assert ArrayRequest("s", mx.float32, (), []).nbytes == 4
+    assert ArrayRequest("e", mx.bfloat16, (0, 7), []).nbytes == 0
+    with pytest.raises(TypeError):
+        ArrayRequest("w", mx.uint8, (2,), [], nbytes=2)  # type: ignore[call-arg]
+    # Two spans add up to the request's size; one span short of it is refused by name.
+    assert _layout([request], 0).buffers == [(0, 30)]
+    short = ArrayRequest("w", mx.float16, (3, 5), spans[:1])
+    with pytest.raises(ValueError, match="'w' needs 30 bytes, its spans hold 6"):
+        _layout([short], 0)

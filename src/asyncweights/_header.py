@@ -113,7 +113,7 @@ _MAX_DIM = 2**31 - 1  # MLX keeps dimensions as int32
 _ENTRY_FIELDS = ('"dtype"', '"shape"', '"data_offsets"')
 
 
-class TensorEntry(msgspec.Struct, frozen=True):
+class TensorEntry(msgspec.Struct, frozen=True, gc=False):
     """One tensor of a blob: its key, dtype string, shape and byte range in the data section.
 
     A frozen `msgspec.Struct` rather than a frozen dataclass: one is made per tensor while
@@ -131,7 +131,7 @@ class TensorEntry(msgspec.Struct, frozen=True):
         return self.end - self.begin
 
 
-class BlobHeader(msgspec.Struct, frozen=True):
+class BlobHeader(msgspec.Struct, frozen=True, gc=False):
     """A validated safetensors header: tensors by key, metadata, and where the data starts."""
 
     file_size: int
@@ -266,7 +266,7 @@ _Dim = Annotated[int, msgspec.Meta(ge=0, le=_MAX_DIM)]
 _Begin = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class _Fields(msgspec.Struct, forbid_unknown_fields=True):
+class _Fields(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     dtype: str
     shape: tuple[_Dim, ...]
     data_offsets: tuple[_Begin, int]
