@@ -1496,3 +1496,38 @@ async def test_50_concurrent_loads_of_same_and_different_models(
     assert len(results) == 50
     for i, weights in results.items():
         assert_bit_exact(weights, built[i % 5].expected)
+
+
+async def test_streamed_load_blob_written_in_place_without_verify_is_reported(
+    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``verify`` the bytes are not hashed, but a write in place moves the file's
+    modification time, which is checked again once the group's data is read."""
+    model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3, 4)}))
+    layer = model.layers[0]
+    path = blob_path(store_root, layer.digest)
+    os.utime(path, ns=(0, 0))  # the write below moves it, whatever the clock's granularity
+
+    def flip() -> None:
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0xFF]))
+
+    _after_first_group_planned(monkeypatch, flip)
+    fragments = ("blob changed while loading", *names_blob(store_root, layer))
+    await fails(aw.BlobError, store_root, *fragments, limits=_HELD)
+
+
+async def test_a_blob_touched_but_not_changed_loads_with_verify(
+    builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``verify`` the digest decides: a file whose time moved but whose bytes did not
+    loads, bit-exact."""
+    model = builder.add_model(MODEL, random_weights({"a": (2,), "b": (3, 4)}))
+    path = blob_path(store_root, model.layers[0].digest)
+    os.utime(path, ns=(0, 0))
+    _after_first_group_planned(monkeypatch, lambda: os.utime(path))
+    weights = await aw.load_weights(MODEL, store=store_root, verify=True, limits=_HELD)
+    assert_bit_exact(weights, model.expected)

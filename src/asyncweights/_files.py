@@ -94,6 +94,19 @@ class StoreFile:
             fd, self.fd = self.fd, -1
             os.close(fd)
 
+    def unchanged(self) -> bool:
+        """Whether the file still has the identity it was opened with (``fstat`` again).
+
+        A write in place moves ``st_mtime_ns`` (at the kernel's timestamp granularity, a
+        few milliseconds on Linux): a best-effort check for loads without ``verify=True``,
+        which hashes the bytes themselves.
+        """
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self.identity
+
     def read(self, size: int, offset: int) -> bytes:
         """Exactly `size` bytes at `offset`, or fewer only where the file (as opened) ends.
 

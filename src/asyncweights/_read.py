@@ -146,6 +146,7 @@ def fill_group(
     requests: list[ArrayRequest] = []
     digests: list[Digest] = []
     keys: list[tuple[PlannedTensor, str]] = []
+    read_from: list[tuple[StoreFile, BlobPlan]] = []
     try:
         for index, blob in enumerate(group):
             data, blob.data = blob.data, None  # loaded once; the arrays own copies
@@ -156,6 +157,7 @@ def fill_group(
                 held, blob.file = blob.file, None
                 f = held if held is not None else open_blob(blob, model)
                 files.append(f)
+                read_from.append((f, blob))
                 fd = f.fd
                 if _WILLNEED is not None:
                     # Start the kernel reading the whole group while the first blob is
@@ -199,6 +201,13 @@ def fill_group(
             raise _fill_error(exc, group, model) from exc.__cause__ or exc
         except RuntimeError as exc:
             raise mlx_error(exc, group, model) from exc
+        for f, blob in read_from if not verify else ():
+            # Written in place while it was read: the arrays may mix two versions (with
+            # `verify` the digest below is exact and says so).
+            if not f.unchanged():
+                raise BlobError(
+                    "blob changed while loading", model=model, digest=blob.digest, path=blob.path
+                )
     finally:
         for f in files:
             f.close()
