@@ -136,7 +136,10 @@ def test_small_arrays_share_one_buffer_and_large_ones_get_their_own(
         ArrayRequest("c", mx.uint8, (5000,), [Span(fd, 110, 5000)]),
     ]
     layout = _layout(requests, pack_upto=1000)
-    assert layout.buffers == [(0, 5000), (5000, 164)]  # c alone, then a and b at 0 and 64
+    # c alone, then a and b at 0 and 64: 164 bytes, padded to a whole number of 8 so the
+    # shared buffer can be viewed as any dtype
+    assert layout.buffers == [(0, 5000), (5000, 168)]
+    assert layout.data_size == 5168
     assert layout.places == {"c": (0, 0), "a": (1, 0), "b": (1, 64)}
 
 

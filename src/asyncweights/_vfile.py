@@ -210,6 +210,10 @@ def _layout(requests: Sequence[ArrayRequest], pack_upto: int) -> _Layout:
                 add(_Part(at, span))
                 at += span.length
             offset += request.nbytes
+        if aligned:
+            # A whole number of the widest element (8 bytes), so the shared buffer can be
+            # viewed as any member's dtype at once (`fill_arrays`); the tail is never read.
+            offset = -(-offset // 8) * 8
         buffers.append((start, offset))
         pos = start + offset
 
@@ -425,15 +429,25 @@ def fill_arrays(
             raise FillError("MLX did not read through the file object")
         buffers = [loaded[str(i)] for i in range(len(layout.buffers))]
         del loaded
+    # Each array is one strided view of its buffer seen as its dtype (one view per buffer
+    # and dtype, shared): one MLX operation an array instead of a slice, a view and a
+    # reshape (1.6 against 3.5 us an array, evaluation included, measured).
+    typed: dict[tuple[int, mx.Dtype], mx.array] = {}
+    places = layout.places
     for request in requests:
+        dtype = request.dtype
         if request.nbytes == 0:
-            arrays[request.key] = mx.zeros(request.shape, request.dtype)
+            arrays[request.key] = mx.zeros(request.shape, dtype)
             continue
-        index, offset = layout.places[request.key]
-        flat = buffers[index][offset : offset + request.nbytes]
-        if request.dtype != mx.uint8:
-            flat = flat.view(request.dtype)
-        arrays[request.key] = flat.reshape(request.shape)
+        index, offset = places[request.key]
+        whole = typed.get((index, dtype))
+        if whole is None:
+            whole = buffers[index]
+            if dtype != mx.uint8:
+                whole = whole.view(dtype)
+            typed[index, dtype] = whole
+        # Offsets are multiples of the element size: 0, or 64-byte aligned when packed.
+        arrays[request.key] = mx.as_strided(whole, request.shape, None, offset // dtype.size)
     mx.eval(list(arrays.values()))
     _finish_digests(requests, layout, buffers)
     return arrays
