@@ -668,9 +668,14 @@ class StreamPlanner:
                 self._next = None
                 if unit is None:
                     break
-                fresh = {x.digest for x in unit if x.digest not in self._namer.blobs}
-                unit_bytes = sum(self._sizes[d] for d in fresh)
-                unit_held = sum(self._sizes[d] > self._whole for d in fresh)
+                if len(unit) == 1:  # the common unit: one layer, no set or generators
+                    digest = unit[0].digest
+                    unit_bytes = 0 if digest in self._namer.blobs else self._sizes[digest]
+                    unit_held = int(unit_bytes > self._whole)
+                else:
+                    fresh = {x.digest for x in unit if x.digest not in self._namer.blobs}
+                    unit_bytes = sum(self._sizes[d] for d in fresh)
+                    unit_held = sum(self._sizes[d] > self._whole for d in fresh)
                 if group and (
                     size + unit_bytes > self._cap or (unit_held and held + unit_held > self._files)
                 ):
