@@ -7,9 +7,15 @@ Every import counts, at the top of a module or inside a function, and under
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import mlx.core as mx
+
 import asyncweights
+from asyncweights.testing import StoreBuilder
 
 PACKAGE = Path(asyncweights.__file__).parent
 
@@ -117,3 +123,21 @@ def test_readme_layout_lists_modules_bottom_up() -> None:
         for dep in deps & listed:
             if module in position:
                 assert position[dep] < position[module], f"{module} imports {dep}"
+
+
+def test_safetensors_loads_never_import_numpy(tmp_path: Path) -> None:
+    # numpy is for GGUF models only: importing it is 60-90 ms of CPU (a 2-core VM) that a
+    # safetensors load never needs.
+    StoreBuilder(tmp_path).add_model("m:1", {"w": mx.arange(6, dtype=mx.float16)})
+    script = (
+        "import sys, anyio, asyncweights as aw\n"
+        f"w = anyio.run(lambda: aw.load_weights('m:1', store={str(tmp_path)!r}))\n"
+        "print(w['w'].tolist(), 'numpy' in sys.modules)\n"
+    )
+    src = str(PACKAGE.parent)
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "[0.0, 1.0, 2.0, 3.0, 4.0, 5.0] False"

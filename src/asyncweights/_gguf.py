@@ -19,8 +19,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, overload
 
-import numpy as np
-
 from ._errors import BlobError, HeaderError, LoadError
 
 __all__ = [
@@ -195,14 +193,19 @@ class GGUFArray(Sequence[Any]):
     def __iter__(self) -> Iterator[Any]:
         return iter(self.tolist())
 
-    def numpy(self) -> np.ndarray[Any, Any]:
-        """A numeric array as a numpy array (a copy; bools as ``bool``).
+    def numpy(self) -> Any:
+        """A numeric array as a ``numpy.ndarray`` (a copy; bools as ``bool``).
+
+        Typed `Any`: numpy is imported on first use, not with asyncweights (it is needed
+        for GGUF models only).
 
         Raises:
             TypeError: the items are strings or arrays.
         """
         if self._type not in _NUMPY:
             raise TypeError(f"a GGUF array of {self.item_type} has no numpy form")
+        import numpy as np  # only for GGUF arrays: `import asyncweights` stays numpy-free
+
         out = np.frombuffer(self._buf, _NUMPY[self._type], self._count, self._start).copy()
         return out.astype(bool) if self._type == 7 else out
 
@@ -351,6 +354,8 @@ class _Cursor:
         if item_type in _NUMPY:
             self.take(count * least, what)
             if item_type == 7:
+                import numpy as np  # only for GGUF files (see GGUFArray.numpy)
+
                 bad = np.frombuffer(self.buf, np.uint8, count, start) > 1
                 if bad.any():
                     first = int(np.flatnonzero(bad)[0])

@@ -45,7 +45,6 @@ from ._errors import (
     QuantizationError,
 )
 from ._files import StoreFile, _read_error, open_file
-from ._ggml import TARGETS, convert_blocks, read_raw
 from ._gguf import GGUFFile, read_gguf_header
 from ._header import DTYPES, BlobHeader, head_of
 from ._limits import Limits
@@ -449,6 +448,8 @@ def read_gguf(parts: list[BlobPlan], model: str) -> list[dict[str, mx.array]]:
     it aborted at exit in about 1 run of 4 here, "terminate called without an active
     exception"; these reads never did in the same runs.)
     """
+    from ._ggml import TARGETS, convert_blocks, read_raw  # numpy: GGUF models only
+
     files: dict[str, StoreFile] = {}
     out: list[dict[str, mx.array]] = []
     try:
