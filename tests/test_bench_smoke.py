@@ -68,3 +68,29 @@ def test_smoke_run_reports_every_strategy(tmp_path: Path) -> None:
     )
     assert (out / "report.md").read_text().startswith("### Benchmark report")
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(120)
+def test_hostile_lag_smoke_runs_every_case_on_both_backends(tmp_path: Path) -> None:
+    """bench/hostile_lag.py in its smoke size: every case runs and ends as it should (the
+    big documents decoded or refused with the right error); lag is not asserted."""
+    out = tmp_path / "lag.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "hostile_lag.py"), "--smoke", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    outcomes = {(r["backend"], r["case"]): r["outcome"] for r in results}
+    refused = "HeaderError: 1 trailing bytes after the last tensor"
+    expected = {
+        "manifest-layers": "ok, 30000 layers",
+        "manifest-strings": "ok, 0 layers",
+        "header-tensors": refused,
+        "header-metadata": refused,
+        "config-vocab": "ok, 20000 keys",
+    }
+    for backend in ("asyncio", "trio"):
+        for case, outcome in expected.items():
+            assert outcomes[backend, case] == outcome, (backend, case)
+        before = [case for b, case in outcomes if b == backend and case.startswith("before: ")]
+        assert len(before) == 3
+    assert all(r["ticks"] > 0 and r["max_lag_ms"] >= 0 and r["seconds"] > 0 for r in results)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -12,7 +14,9 @@ from asyncweights import _json
 from asyncweights._json import (
     FAST_BYTES,
     MAX_DEPTH,
+    MAX_KEYS,
     MAX_TOKEN,
+    SWITCH_INTERVAL,
     JSONError,
     decode_text,
     loads,
@@ -175,3 +179,49 @@ def test_stepwise_slides_its_window_over_many_pieces() -> None:
     with pytest.raises(JSONError) as late:
         loads_stepwise(text[:-1] + ",}")
     assert late.value.reason == f"not valid JSON: expected a string key at {len(text)}"
+
+
+def test_an_object_may_have_max_keys_keys_and_no_more() -> None:
+    at_cap = "{" + ",".join(f'"k{i}":{i}' for i in range(MAX_KEYS)) + "}"
+    decoded = loads_stepwise(at_cap)
+    assert len(decoded) == MAX_KEYS
+    assert decoded[f"k{MAX_KEYS - 1}"] == MAX_KEYS - 1
+    _json.release(decoded)
+    over = at_cap[:-1] + ',"last":1}'
+    with pytest.raises(JSONError) as exc:
+        loads_stepwise(over)
+    assert exc.value.reason == (
+        f"JSON object with more than {MAX_KEYS} keys, the most one may have (at {len(over) - 1})"
+    )
+    # Arrays have no such bound (a list grows without copying its items one by one).
+    assert len(loads_stepwise("[" + ",".join(["0"] * (MAX_KEYS + 1)) + "]")) == MAX_KEYS + 1
+
+
+def test_gc_paused_shortens_the_switch_interval_and_restores_both() -> None:
+    before = sys.getswitchinterval()
+    assert before > SWITCH_INTERVAL  # CPython's default, 5 ms
+    assert gc.isenabled()
+    with _json.gc_paused():
+        assert not gc.isenabled()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+        with _json.gc_paused():  # nested: still paused, restored only by the outer exit
+            pass
+        assert not gc.isenabled()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+    assert gc.isenabled()
+    assert sys.getswitchinterval() == before
+    # An interval set by someone else while paused is theirs: left as they set it.
+    try:
+        with _json.gc_paused():
+            sys.setswitchinterval(0.002)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
+    # One already shorter than ours is not touched.
+    try:
+        sys.setswitchinterval(0.0005)
+        with _json.gc_paused():
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)

@@ -1531,3 +1531,24 @@ async def test_a_blob_touched_but_not_changed_loads_with_verify(
     _after_first_group_planned(monkeypatch, lambda: os.utime(path))
     weights = await aw.load_weights(MODEL, store=store_root, verify=True, limits=_HELD)
     assert_bit_exact(weights, model.expected)
+
+
+async def test_config_layer_with_an_object_over_max_keys(
+    builder: StoreBuilder, store_root: Path
+) -> None:
+    from asyncweights._json import MAX_KEYS
+
+    tensor = builder.add_blob("w", {"w": mx.zeros((2,))})
+    pairs = ",".join(f'"t{i}":{i}' for i in range(MAX_KEYS + 1))
+    data = ('{"model":{"vocab":{' + pairs + "}}}").encode()
+    layer = builder.add_json("tokenizer.json", data)
+    builder.write_manifest(MODEL, [tensor, layer])
+    model = await aw.ModelStore(store_root).open(MODEL)
+    with pytest.raises(aw.ManifestError) as info:
+        await model.read_config("tokenizer.json")
+    at = data.rindex(b"}}}")
+    assert info.value.reason == (
+        f"config 'tokenizer.json' has a JSON object with more than {MAX_KEYS} keys, the most "
+        f"one may have (at {at})"
+    )
+    assert (info.value.model, info.value.digest) == (MODEL, layer.digest)

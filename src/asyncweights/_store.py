@@ -592,8 +592,11 @@ class Model:
             reason = exc.reason
             if reason.startswith("not valid JSON: "):
                 reason = reason[len("not valid JSON: ") :]
+            what = (
+                "has a" if reason.startswith("JSON object with more than") else "is not valid JSON:"
+            )
             raise ManifestError(
-                f"config {name!r} is not valid JSON: {reason}",
+                f"config {name!r} {what} {reason}",
                 model=self.label,
                 digest=layer.digest,
                 path=self.store.blob_path(layer.digest),
