@@ -197,27 +197,36 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny inputs: check the script runs")
+    parser.add_argument("--only", action="append", default=None, help="run this case (repeatable)")
+    parser.add_argument("--repeat", type=int, default=1, help="run each case this many times")
     args = parser.parse_args()
+    options = {"smoke": args.smoke, "only": args.only, "repeat": args.repeat}
     if args.scratch is not None:
-        run(args.scratch, args.smoke, args.json)
+        run(args.scratch, args.json, **options)
         return
     with tempfile.TemporaryDirectory(prefix="aw-hostile-") as scratch:
-        run(Path(scratch), args.smoke, args.json)
+        run(Path(scratch), args.json, **options)
 
 
-def run(scratch: Path, smoke: bool, json_out: Path | None) -> None:
+def run(
+    scratch: Path, json_out: Path | None, *, smoke: bool, only: list[str] | None, repeat: int
+) -> None:
     built = build(scratch, smoke=smoke)
     results: list[dict[str, Any]] = []
 
     async def run_all(backend: str) -> None:
         for name, action in (await cases(built["root"])).items():
-            result = await measure(action)
-            results.append({"case": name, "backend": backend, **result})
-            print(
-                f"{backend:8} {name:26} max lag {result['max_lag_ms']:8.2f} ms "
-                f"in {result['seconds']:7.3f} s  {result['outcome']}",
-                flush=True,
-            )
+            for _ in range(repeat if only is None or name in only else 0):
+                await one(backend, name, action)
+
+    async def one(backend: str, name: str, action: Callable[[], Awaitable[str]]) -> None:
+        result = await measure(action)
+        results.append({"case": name, "backend": backend, **result})
+        print(
+            f"{backend:8} {name:26} max lag {result['max_lag_ms']:8.2f} ms "
+            f"in {result['seconds']:7.3f} s  {result['outcome']}",
+            flush=True,
+        )
 
     for backend in ("asyncio", "trio"):
         anyio.run(run_all, backend, backend=backend)

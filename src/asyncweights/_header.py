@@ -233,8 +233,7 @@ def _parse(raw: bytes | bytearray, file_size: int, limits: Limits) -> BlobHeader
             entries = {}
             heap: list[tuple[int, int, int, TensorEntry]] = []
             try:
-                metadata, entries = _entries(doc)
-                release(doc)
+                metadata, entries = _entries(doc, in_place=True)
                 _check_tiling(_in_offset_order(entries, heap), data_len)
             except _Invalid:
                 release([doc, entries, heap])  # not in one dealloc when the error unwinds
@@ -345,7 +344,7 @@ def _parse_common(
     return (metadata, entries) if covered == data_len else None
 
 
-def _entries(doc: Any) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+def _entries(doc: Any, *, in_place: bool = False) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     if not isinstance(doc, dict):
         raise _Invalid(f"header is a JSON {type(doc).__name__}, not an object")
     meta_raw = doc.pop("__metadata__", None)
@@ -354,9 +353,15 @@ def _entries(doc: Any) -> tuple[dict[str, str], dict[str, TensorEntry]]:
         if not isinstance(meta_raw, dict) or not all(isinstance(v, str) for v in meta_raw.values()):
             raise _Invalid("__metadata__ must be an object of strings")
         metadata = meta_raw
-    entries: dict[str, TensorEntry] = {}
+    if not in_place:
+        return metadata, {key: _entry(key, value) for key, value in doc.items()}
+    # Each value replaced in place: the dict never grows, so a header of 262,144 tensors
+    # costs no second 262,144-key dict and none of its growth steps (6.5 ms the largest).
+    # (A fresh dict of untracked entries is untracked by the cyclic GC; this one is, until
+    # the collector's first pass over it.)
     for key, value in doc.items():
-        entries[key] = _entry(key, value)
+        doc[key] = _entry(key, value)
+    entries: dict[str, TensorEntry] = doc
     return metadata, entries
 
 

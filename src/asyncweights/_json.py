@@ -184,7 +184,13 @@ def gc_paused() -> Iterator[None]:
 
 
 def release(value: Any) -> None:
-    """Empty a decoded tree container by container, so no single dealloc frees it all."""
+    """Empty a decoded tree container by container, so no single dealloc frees it all
+    (under `gc_paused`, so the event loop gets the GIL within 1 ms meanwhile)."""
+    with gc_paused():
+        _release(value)
+
+
+def _release(value: Any) -> None:
     stack = [value]
     while stack:
         item = stack.pop()

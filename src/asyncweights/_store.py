@@ -8,6 +8,7 @@ goes through `_files`; nothing here writes the store.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -29,7 +30,7 @@ from ._errors import (
     UnsupportedModelError,
 )
 from ._files import read_file
-from ._json import JSONError, loads
+from ._json import FAST_BYTES, JSONError, gc_paused, loads
 from ._layout import (
     Document,
     InvalidEntryError,
@@ -233,6 +234,14 @@ class ModelStore:
     ) -> Model:
 
         store, document, label = self._locate(model, limits)
+        # A big manifest is decoded in steps; what follows walks its layers in Python, so
+        # it keeps the 1 ms GIL switch interval (and the paused collector) of that decoding.
+        with gc_paused() if len(document.data) > FAST_BYTES else contextlib.nullcontext():
+            return self._open_document(store, document, label, runner, limits)
+
+    def _open_document(
+        self, store: ModelStore, document: Document, label: str, runner: str | None, limits: Limits
+    ) -> Model:
         decoded = document.decoded or decode_document(
             document.data, model=label, path=document.path
         )
