@@ -143,3 +143,38 @@ def test_a_bad_byte_in_a_one_call_manifest_is_named_by_offset() -> None:
     data[at] = 0xFF
     with pytest.raises(aw.ManifestError, match=rf"invalid manifest: not UTF-8 \(byte {at}\)"):
         _manifest.decode_document(bytes(data), model="m")
+
+
+@pytest.mark.parametrize("keys", [10, 40_000])
+def test_a_big_config_blob_is_decoded_in_steps_and_keeps_its_draft_as_parsed(
+    monkeypatch: pytest.MonkeyPatch, keys: int
+) -> None:
+    # Over 64 KiB a config blob goes through the stepwise parser (a hostile `draft` object
+    # cannot make one long C call), and `draft` is the parsed object itself, not a copy.
+    draft = {f"k{i}": {"n": i, "s": "x" * 8} for i in range(keys)}
+    blob = {"model_format": "safetensors", "capabilities": ["completion"] * 5000}
+    data = json.dumps({**blob, "draft": draft, "unknown": [1, 2]}).encode()
+    assert len(data) > 64 * 1024
+    from asyncweights import _json
+
+    calls: list[int] = []
+    real = _json.loads_stepwise
+
+    def counting(text: bytes, *, unique_keys: bool = False) -> object:
+        calls.append(len(text))
+        return real(text, unique_keys=unique_keys)
+
+    monkeypatch.setattr("asyncweights._manifest.loads_stepwise", counting)
+    config = decode_config(data)
+    assert calls == [len(data)]
+    assert config.draft == draft
+    assert config.model_format == "safetensors"
+    assert config.capabilities == ["completion"] * 5000
+    assert decode_config(data) == msgspec.json.decode(data, type=ModelConfig)
+
+
+def test_a_config_blob_with_a_draft_of_the_wrong_type_is_refused_either_way() -> None:
+    for pad in (0, 70_000):
+        data = json.dumps({"draft": "no", "os": "x" * pad}).encode()
+        with pytest.raises(aw.ManifestError, match=r"invalid model config blob: Expected `object"):
+            decode_config(data, model="m")

@@ -338,15 +338,27 @@ def decode_config(
         ManifestError: the blob is not a JSON object of the expected field types.
     """
     try:
-        with _Document(data) as document:
-            return document.decode(_CONFIG_DECODER)
+        # One msgspec call only up to FAST_BYTES: `draft` is a free-form object, which a
+        # hostile blob can make huge, and building a big dict is one long C step.
+        with _Document(data, one_call_bytes=FAST_BYTES) as document:
+            tree = None if document.one_call else document.parse().tree
+            if not isinstance(tree, dict) or not isinstance(tree.get("draft"), dict):
+                return document.decode(_CONFIG_DECODER)
+            draft: dict[str, Any] = tree["draft"]
+            # Kept as parsed, not copied by ``msgspec.convert`` in one call (a 349,000-key
+            # object: 72 ms): a JSON object's keys are strings, and its values are `Any`.
+            del tree["draft"]
+            config = document.decode(_CONFIG_DECODER)
+            config.draft = draft
+            return config
     except (*_DECODE_ERRORS, JSONError) as exc:
         raise ManifestError(
             f"invalid model config blob: {_describe(exc)}", model=model, digest=digest
         ) from exc
 
 
-#: manifests and config blobs up to this size are decoded by one msgspec call per type. Measured
+#: manifests up to this size are decoded by one msgspec call per type (config blobs: up to
+#: `FAST_BYTES`, see `decode_config`). Measured
 #: on a 2-core VM with a 1 ms asyncio ticker beside a worker thread decoding: a 4 MiB manifest
 #: of 20,000 layers 27 ms with a worst lag of 5.6 ms (the 5 ms switch interval: the GIL changes
 #: hands in ``Layer.__post_init__``), against 380 ms stepwise; a 15 MiB unknown field of long
@@ -357,7 +369,8 @@ ONE_CALL_BYTES = 4 * 1024 * 1024
 class _Document:
     """A JSON document, parsed once however many types it is decoded as.
 
-    Up to `ONE_CALL_BYTES` each type is one msgspec call on the bytes, with the garbage
+    Up to `one_call_bytes` (`ONE_CALL_BYTES` unless given) each type is one msgspec call
+    on the bytes, with the garbage
     collector paused above `FAST_BYTES`; above that the text is parsed once in bounded steps
     (`_json`), and each type is built from that tree by ``msgspec.convert``. Either way a
     worker thread decoding a big one leaves the GIL to the event loop often: ``Layer`` runs
@@ -374,11 +387,11 @@ class _Document:
             skipped fields, and its wording changes between releases), not JSON.
     """
 
-    def __init__(self, data: bytes | bytearray) -> None:
+    def __init__(self, data: bytes | bytearray, *, one_call_bytes: int = ONE_CALL_BYTES) -> None:
         self.data = data
         self.tree: Any = None
         self.parsed = False
-        self._one_call = len(data) <= ONE_CALL_BYTES
+        self.one_call = len(data) <= one_call_bytes
         self._paused = contextlib.ExitStack()
 
     def __enter__(self) -> _Document:
@@ -395,7 +408,7 @@ class _Document:
 
     def parse(self) -> _Document:
         if not self.parsed:
-            if self._one_call:
+            if self.one_call:
                 decode_text(self.data)
             else:
                 self.tree = loads_stepwise(self.data)
@@ -404,7 +417,7 @@ class _Document:
 
     def decode(self, decoder: msgspec.json.Decoder[_T]) -> _T:
         self.parse()
-        if self._one_call:
+        if self.one_call:
             return decoder.decode(self.data)
         return cast("_T", msgspec.convert(self.tree, decoder.type))
 
