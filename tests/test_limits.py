@@ -34,5 +34,7 @@ def test_read_chunk_in_effect() -> None:
 def test_throughput_preset() -> None:
     limits = aw.Limits.throughput(max_bytes=10)
     assert (limits.priority, limits.workers, limits.group_bytes) == ("throughput", 4, 64 * MiB)
+    # 12 blob files a group: with the process's own descriptors, at most 64 open in a load.
+    assert limits.max_open_files == 48
     assert limits.max_bytes == 10
     assert aw.Limits().priority == "responsive"
