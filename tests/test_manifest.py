@@ -112,6 +112,21 @@ def _manifest_of(layers: int) -> bytes:
     return encode_manifest(build_manifest(config, tensors))
 
 
+def _count_stepwise(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths of the documents `_manifest` hands to the stepwise parser, as they come."""
+    from asyncweights import _json
+
+    calls: list[int] = []
+    real = _json.loads_stepwise
+
+    def counting(text: bytes, *, unique_keys: bool = False) -> object:
+        calls.append(len(text))
+        return real(text, unique_keys=unique_keys)
+
+    monkeypatch.setattr("asyncweights._manifest.loads_stepwise", counting)
+    return calls
+
+
 @pytest.mark.parametrize(("layers", "stepwise"), [(10, False), (5_120, False), (25_000, True)])
 def test_manifests_decode_in_one_call_up_to_the_bound_and_in_steps_above(
     monkeypatch: pytest.MonkeyPatch, layers: int, stepwise: bool
@@ -120,16 +135,7 @@ def test_manifests_decode_in_one_call_up_to_the_bound_and_in_steps_above(
     # parser took ~190 ms for it; only documents over ONE_CALL_BYTES pay that.
     data = _manifest_of(layers)
     assert (len(data) > _manifest.ONE_CALL_BYTES) is stepwise
-    calls: list[int] = []
-    from asyncweights import _json
-
-    real = _json.loads_stepwise
-
-    def counting(text: bytes, *, unique_keys: bool = False) -> object:
-        calls.append(len(text))
-        return real(text, unique_keys=unique_keys)
-
-    monkeypatch.setattr("asyncweights._manifest.loads_stepwise", counting)
+    calls = _count_stepwise(monkeypatch)
     decoded = _manifest.decode_document(data)
     assert isinstance(decoded, aw.Manifest)
     assert [layer.name for layer in decoded.layers] == [f"blk.{i}.weight" for i in range(layers)]
@@ -155,16 +161,7 @@ def test_a_big_config_blob_is_decoded_in_steps_and_keeps_its_draft_as_parsed(
     blob = {"model_format": "safetensors", "capabilities": ["completion"] * 5000}
     data = json.dumps({**blob, "draft": draft, "unknown": [1, 2]}).encode()
     assert len(data) > 64 * 1024
-    from asyncweights import _json
-
-    calls: list[int] = []
-    real = _json.loads_stepwise
-
-    def counting(text: bytes, *, unique_keys: bool = False) -> object:
-        calls.append(len(text))
-        return real(text, unique_keys=unique_keys)
-
-    monkeypatch.setattr("asyncweights._manifest.loads_stepwise", counting)
+    calls = _count_stepwise(monkeypatch)
     config = decode_config(data)
     assert calls == [len(data)]
     assert config.draft == draft

@@ -1137,6 +1137,15 @@ async def test_streamed_load_blob_deleted_before_its_header_is_read(
     assert exc.errno == errno.ENOENT
 
 
+def _flip_last_byte(path: Path) -> None:
+    """Change a file in place: its last byte, inverted."""
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+
+
 async def test_streamed_load_blob_rewritten_in_place_is_caught_by_verify(
     builder: StoreBuilder, store_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1146,14 +1155,7 @@ async def test_streamed_load_blob_rewritten_in_place_is_caught_by_verify(
     layer = model.layers[0]
     path = blob_path(store_root, layer.digest)
 
-    def flip() -> None:
-        with open(path, "r+b") as f:
-            f.seek(-1, os.SEEK_END)
-            last = f.read(1)
-            f.seek(-1, os.SEEK_END)
-            f.write(bytes([last[0] ^ 0xFF]))
-
-    _after_first_group_planned(monkeypatch, flip)
+    _after_first_group_planned(monkeypatch, lambda: _flip_last_byte(path))
     fragments = ("blob bytes hash to sha256:", *names_blob(store_root, layer))
     await fails(aw.DigestMismatchError, store_root, *fragments, verify=True, limits=_HELD)
 
@@ -1508,14 +1510,7 @@ async def test_streamed_load_blob_written_in_place_without_verify_is_reported(
     path = blob_path(store_root, layer.digest)
     os.utime(path, ns=(0, 0))  # the write below moves it, whatever the clock's granularity
 
-    def flip() -> None:
-        with open(path, "r+b") as f:
-            f.seek(-1, os.SEEK_END)
-            last = f.read(1)
-            f.seek(-1, os.SEEK_END)
-            f.write(bytes([last[0] ^ 0xFF]))
-
-    _after_first_group_planned(monkeypatch, flip)
+    _after_first_group_planned(monkeypatch, lambda: _flip_last_byte(path))
     fragments = ("blob changed while loading", *names_blob(store_root, layer))
     await fails(aw.BlobError, store_root, *fragments, limits=_HELD)
 
