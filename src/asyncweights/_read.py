@@ -153,9 +153,10 @@ def fill_group(
             if data is None:
                 # The descriptor planning validated the header through, else a fresh open
                 # proved to be the same file.
-                held, blob.file = blob.file, None
-                f = held if held is not None else open_blob(blob, model)
-                files.append(f)
+                f, blob.file = blob.file, None
+                if f is None:
+                    f = open_blob(blob, model)
+                    files.append(f)  # a held one is in `files` already
                 read_from.append((f, blob))
                 fd = f.fd
                 if _WILLNEED is not None:
